@@ -1,0 +1,96 @@
+"""Per-epoch training checkpoints (tf.train.Checkpoint) that make an interrupted run resumable.
+
+A checkpoint holds every variable that decides the rest of the run: model weights and RNG
+state, optimizer slots and step, metric accumulators, the early-stopping state and best
+weights, and the epoch (the data order is a pure function of seed and epoch). It is tagged
+with a fingerprint of params + data so a run never resumes from another experiment's state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+
+def _raw(variables: list[Any]) -> list[tf.Variable]:
+    # Keras 3 variables wrap a tf.Variable; tf.train.Checkpoint tracks the wrapped one.
+    return [getattr(variable, "value", variable) for variable in variables]
+
+
+class TrainingState:
+    """Early-stopping bookkeeping and history, as variables so they checkpoint atomically with weights."""
+
+    def __init__(self, model: keras.Model) -> None:
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        self.best_value = tf.Variable(float("inf"), dtype=tf.float64, trainable=False, name="best_value")
+        self.best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="best_epoch")
+        self.epochs_without_improvement = tf.Variable(0, dtype=tf.int64, trainable=False, name="wait")
+        self.history_json = tf.Variable("[]", dtype=tf.string, trainable=False, name="history")
+        self.best_weights = [tf.Variable(variable.numpy(), trainable=False) for variable in model.weights]
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return json.loads(self.history_json.numpy().decode())
+
+    def append_history(self, row: dict[str, Any]) -> None:
+        self.history_json.assign(json.dumps([*self.history, row], sort_keys=True))
+
+    def remember_best(self, model: keras.Model) -> None:
+        for saved, variable in zip(self.best_weights, model.weights):
+            saved.assign(variable.numpy())
+
+    def restore_best(self, model: keras.Model) -> None:
+        for saved, variable in zip(self.best_weights, model.weights):
+            variable.assign(saved.numpy())
+
+
+class CheckpointStore:
+    """Save/restore a TrainingState plus model/optimizer/metric variables under one directory."""
+
+    def __init__(self, directory: str | Path, fingerprint: str, model: keras.Model, optimizer: Any, metric_variables: list[Any], state: TrainingState) -> None:
+        self.directory = Path(directory)
+        self.fingerprint = fingerprint
+        self.fingerprint_variable = tf.Variable(fingerprint, dtype=tf.string, trainable=False, name="fingerprint")
+        self.checkpoint = tf.train.Checkpoint(
+            model_variables=_raw(model.weights),
+            optimizer_variables=_raw(optimizer.variables),
+            metric_variables=_raw(metric_variables),
+            epoch=state.epoch,
+            best_value=state.best_value,
+            best_epoch=state.best_epoch,
+            epochs_without_improvement=state.epochs_without_improvement,
+            history=state.history_json,
+            best_weights=state.best_weights,
+            fingerprint=self.fingerprint_variable,
+        )
+        # max_to_keep=2: the previous checkpoint survives while the next one is being written.
+        self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.directory), max_to_keep=2)
+
+    def restore_if_compatible(self) -> bool:
+        """Restore the latest checkpoint when it belongs to this run; start clean otherwise."""
+        latest = self.manager.latest_checkpoint
+        if latest is None:
+            return False
+        reader = tf.train.load_checkpoint(latest)
+        saved = reader.get_tensor("fingerprint/.ATTRIBUTES/VARIABLE_VALUE").decode()
+        if saved != self.fingerprint:
+            log.info("checkpoint in %s is from other params or data; starting fresh", self.directory)
+            self.clear()
+            return False
+        self.checkpoint.restore(latest).assert_existing_objects_matched()
+        return True
+
+    def save(self, epoch: int) -> str:
+        return self.manager.save(checkpoint_number=epoch)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.directory), max_to_keep=2)

@@ -1,0 +1,36 @@
+"""Shared entry-point plumbing for the stage scripts: logging and clean failure."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from tapework.errors import TapeworkError
+from tapework.params import ParamsError
+
+log = logging.getLogger("tapework")
+
+# Exit codes: 2 = bad params or input the user must fix, 3 = training diverged, 130 = interrupted.
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def configure_logging() -> None:
+    level = os.environ.get("TAPEWORK_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's main(); turn user-fixable errors into one line on stderr and a non-zero exit."""
+    configure_logging()
+    try:
+        main()
+    except (ParamsError, TapeworkError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(getattr(error, "exit_code", EXIT_USER_ERROR))
+    except KeyboardInterrupt:
+        print("interrupted: no partial output was written; rerun the stage to continue", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(0)

@@ -1,0 +1,67 @@
+"""The evaluate stage's logic: test metrics via the shared Evaluator, then reports and plots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+
+from tapework.batching import make_dataset
+from tapework.io import write_json
+from tapework.loop import Evaluator
+from tapework.metrics import MetricSet
+from tapework.preprocess import Prepared
+from tapework.reports import per_class_report, read_history, regression_report, summary_figure, write_csv, write_table
+from tapework.training import task_spec
+
+METRICS_PATH = Path("metrics/evaluate.json")
+REPORT_PATH = Path("metrics/report.tsv")
+CONFUSION_PATH = Path("plots/confusion.csv")
+PREDICTIONS_PATH = Path("plots/predictions.csv")
+SUMMARY_PATH = Path("plots/summary.png")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    task: str
+    results: dict[str, float]
+    actual: np.ndarray
+    predicted: np.ndarray  # class ids (classification) or values in target units (regression)
+    confusion: np.ndarray | None
+
+
+def evaluate_model(model: keras.Model, data: Prepared, batch_size: int, huber_delta: float) -> Outcome:
+    spec = task_spec(data.meta)
+    metrics = MetricSet(spec.task, spec.num_classes, huber_delta, with_confusion=spec.task == "classification")
+    x_test, y_test = data.split("test")
+    results, outputs = Evaluator(model, spec, metrics)(make_dataset(x_test, y_test, batch_size), collect_outputs=True)
+    if spec.task == "classification":
+        confusion = metrics.confusion_matrix()
+        report = per_class_report(confusion, data.meta["class_names"])
+        results["macro_f1"] = float(report.loc[report["class"] == "macro avg", "f1"].iloc[0])
+        return Outcome(spec.task, results, y_test, np.argmax(outputs, axis=-1), confusion)
+    return Outcome(spec.task, results, y_test, outputs, None)
+
+
+def write_reports(outcome: Outcome, meta: dict[str, Any], history_path: Path) -> None:
+    """metrics/evaluate.json, metrics/report.tsv, plots/*.csv and plots/summary.png.
+
+    Both plot CSVs are always written (DVC outputs must exist); the one that does not apply
+    to the task holds only its header.
+    """
+    write_json(METRICS_PATH, {"test": outcome.results})
+    names = meta["class_names"]
+    if outcome.task == "classification":
+        write_table(per_class_report(outcome.confusion, names), REPORT_PATH)
+        pairs = pd.DataFrame({"actual": [names[i] for i in outcome.actual], "predicted": [names[i] for i in outcome.predicted]})
+        write_csv(pairs, CONFUSION_PATH)
+        write_csv(pd.DataFrame(columns=["actual", "predicted"]), PREDICTIONS_PATH)
+    else:
+        write_table(regression_report(outcome.actual, outcome.predicted), REPORT_PATH)
+        write_csv(pd.DataFrame({"actual": outcome.actual, "predicted": outcome.predicted}), PREDICTIONS_PATH)
+        write_csv(pd.DataFrame(columns=["actual", "predicted"]), CONFUSION_PATH)
+    summary_figure(read_history(history_path), outcome.task, outcome.confusion, names, outcome.actual, outcome.predicted, SUMMARY_PATH)

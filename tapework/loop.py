@@ -1,0 +1,182 @@
+"""The hand-written loop: step factories (tf.function, explicit inputs) and one `evaluate` routine.
+
+No model.fit / evaluate / predict: the forward pass, loss, gradients, optimizer update and
+metric updates are all spelled out here, and both the train stage's validation and the
+evaluate stage go through `evaluate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tapework.metrics import MetricSet
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How labels relate to model outputs and loss."""
+
+    task: str  # "classification" | "regression"
+    num_classes: int  # classes, or 1 output for regression
+    label_smoothing: float = 0.0
+    target_offset: float = 0.0  # regression: the model predicts (y - offset) / scale
+    target_scale: float = 1.0
+
+    @property
+    def outputs(self) -> int:
+        return self.num_classes if self.task == "classification" else 1
+
+
+def per_example_loss(spec: TaskSpec) -> Callable[[Any, Any], Any]:
+    """Loss per example (no reduction), so averaging is ours: exact under batching and replicas."""
+    if spec.task == "classification":
+        if spec.label_smoothing > 0:
+            # Sparse cross-entropy has no smoothing: smooth a one-hot target instead.
+            categorical = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=spec.label_smoothing, reduction=None)
+            return lambda labels, logits: categorical(tf.one_hot(tf.cast(labels, tf.int32), spec.num_classes), logits)
+        sparse = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+        return lambda labels, logits: sparse(labels, logits)
+
+    def squared_error(targets: Any, outputs: Any) -> Any:
+        # Loss on the standardised scale keeps gradients O(1) whatever the target's units.
+        scaled = (tf.cast(targets, tf.float32) - spec.target_offset) / spec.target_scale
+        return tf.square(tf.reshape(outputs, [-1]) - scaled)
+
+    return squared_error
+
+
+def outputs_in_target_units(spec: TaskSpec, outputs: Any) -> Any:
+    """Logits for classification; predictions in the target's own units for regression."""
+    if spec.task == "classification":
+        return outputs
+    return tf.reshape(outputs, [-1]) * spec.target_scale + spec.target_offset
+
+
+def _run_on_replicas(strategy: tf.distribute.Strategy | None, step: Callable[..., Any], batch: Any) -> Any:
+    if strategy is None:
+        return step(*batch)
+    # Every replica returns the same all-reduced flag, so the first local result speaks for all.
+    return strategy.experimental_local_results(strategy.run(step, args=batch))[0]
+
+
+def _multi_step(step: Callable[..., Any], steps_per_execution: int, strategy: tf.distribute.Strategy | None, stop_on_bad: bool) -> Callable[[Any], Any]:
+    """Wrap a per-batch step into a compiled function that runs up to N steps per Python call.
+
+    Reading the iterator inside the graph removes one Python round trip per batch, which is
+    most of the cost of small-batch training on CPU.
+    """
+
+    @tf.function
+    def run(iterator: Any) -> tuple[Any, Any]:
+        steps = tf.constant(0, tf.int64)
+        bad_steps = tf.constant(0, tf.int64)
+        for _ in tf.range(steps_per_execution):
+            optional = iterator.get_next_as_optional()
+            if not optional.has_value():
+                break
+            good = _run_on_replicas(strategy, step, optional.get_value())
+            steps += 1
+            if not good:
+                bad_steps += 1
+                if stop_on_bad:
+                    break
+        return steps, bad_steps
+
+    return run
+
+
+def make_train_function(
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    spec: TaskSpec,
+    metrics: MetricSet,
+    *,
+    steps_per_execution: int = 1,
+    stop_on_nonfinite: bool = True,
+    jit_compile: bool = False,
+    strategy: tf.distribute.Strategy | None = None,
+) -> Callable[[Any], Any]:
+    """Build `run(iterator) -> (steps_run, nonfinite_steps)`; a non-finite step never updates weights."""
+    loss_fn = per_example_loss(spec)
+
+    def compute_gradients(inputs: Any, labels: Any) -> tuple[Any, Any, Any]:
+        with tf.GradientTape() as tape:
+            outputs = model(inputs, training=True)
+            per_example = loss_fn(labels, outputs)
+            # Divide by the *global* batch: replica gradients then sum to the gradient of the mean.
+            loss = tf.nn.compute_average_loss(per_example)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            # Mixed precision: scale up before backprop so float16 gradients do not underflow.
+            scaled_loss = optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled_loss, model.trainable_variables)
+        return outputs, per_example, (loss, gradients)
+
+    if jit_compile:
+        compute_gradients = tf.function(compute_gradients, jit_compile=True)
+
+    def train_step(inputs: Any, labels: Any) -> Any:
+        outputs, per_example, (loss, gradients) = compute_gradients(inputs, labels)
+        nonfinite = tf.cast(tf.logical_not(tf.math.is_finite(loss)), tf.int32)
+        # All replicas must agree whether to apply, or their collective updates would deadlock.
+        nonfinite = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, nonfinite)
+        good = tf.equal(nonfinite, 0)
+        if good:
+            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+            metrics.update(labels, outputs_in_target_units(spec, outputs), per_example)
+        return good
+
+    return _multi_step(train_step, steps_per_execution, strategy, stop_on_nonfinite)
+
+
+def make_eval_step(model: keras.Model, spec: TaskSpec, metrics: MetricSet) -> Callable[[Any, Any], Any]:
+    """One validation/test batch: forward pass (training=False), metric updates, outputs back."""
+    loss_fn = per_example_loss(spec)
+
+    def eval_step(inputs: Any, labels: Any) -> Any:
+        outputs = model(inputs, training=False)
+        in_units = outputs_in_target_units(spec, outputs)
+        metrics.update(labels, in_units, loss_fn(labels, outputs))
+        return in_units
+
+    return eval_step
+
+
+class Evaluator:
+    """The one evaluation routine: the train stage's validation and the evaluate stage both call it.
+
+    Built once so its compiled functions are traced once, not every epoch.
+    """
+
+    def __init__(self, model: keras.Model, spec: TaskSpec, metrics: MetricSet, steps_per_execution: int = 1) -> None:
+        self.metrics = metrics
+        self.steps_per_execution = steps_per_execution
+        eval_step = make_eval_step(model, spec, metrics)
+
+        def step_without_outputs(inputs: Any, labels: Any) -> Any:
+            eval_step(inputs, labels)
+            return tf.constant(True)
+
+        self._run_many = _multi_step(step_without_outputs, steps_per_execution, None, stop_on_bad=False)
+        self._run_one = tf.function(eval_step)
+
+    def __call__(self, dataset: tf.data.Dataset, collect_outputs: bool = False) -> tuple[dict[str, float], np.ndarray | None]:
+        """Run `dataset` through the model once; returns metric results (and outputs if asked).
+
+        With `collect_outputs`, batches are driven from Python so each batch's outputs can be
+        kept (the evaluate stage needs them for its reports); otherwise N batches run per call.
+        """
+        self.metrics.reset()
+        if collect_outputs:
+            collected = [self._run_one(inputs, labels).numpy() for inputs, labels in dataset]
+            return self.metrics.results(), np.concatenate(collected)
+        iterator = iter(dataset)
+        while int(self._run_many(iterator)[0]) == self.steps_per_execution:
+            pass
+        return self.metrics.results(), None

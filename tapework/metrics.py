@@ -1,0 +1,151 @@
+"""Metrics written from scratch as keras.metrics.Metric subclasses, and the per-task metric set."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+class HuberMetric(keras.metrics.Metric):
+    """Mean Huber error: quadratic for |error| <= delta, linear beyond (robust to outliers).
+
+    For classification it compares softmax probabilities with one-hot labels, so it reads as a
+    calibration-sensitive error; for regression it compares predictions with targets.
+    """
+
+    def __init__(self, delta: float = 1.0, name: str = "huber", **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.delta = float(delta)
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
+        y_true = tf.cast(y_true, self.dtype)
+        y_pred = tf.cast(y_pred, self.dtype)
+        error = tf.abs(y_pred - y_true)
+        quadratic = tf.minimum(error, self.delta)
+        # 0.5*q^2 + delta*(|e| - q) equals the piecewise Huber form without a branch.
+        per_element = 0.5 * tf.square(quadratic) + self.delta * (error - quadratic)
+        per_example = tf.reshape(per_element, [tf.shape(per_element)[0], -1])
+        per_example = tf.reduce_mean(per_example, axis=-1)
+        if sample_weight is None:
+            weights = tf.ones_like(per_example)
+        else:
+            weights = tf.reshape(tf.cast(sample_weight, self.dtype), [-1])
+        self.total.assign_add(tf.reduce_sum(per_example * weights))
+        self.count.assign_add(tf.reduce_sum(weights))
+
+    def result(self) -> Any:
+        return tf.math.divide_no_nan(self.total, self.count)
+
+    def reset_state(self) -> None:
+        self.total.assign(0.0)
+        self.count.assign(0.0)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "delta": self.delta}
+
+
+class RSquared(keras.metrics.Metric):
+    """Coefficient of determination 1 - SSE/SST, accumulated over batches in float64.
+
+    float64 because SST = sum(y^2) - (sum y)^2 / n cancels catastrophically in float32.
+    """
+
+    def __init__(self, name: str = "r2", **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count", dtype="float64")
+        self.sum = self.add_variable(shape=(), initializer="zeros", name="sum", dtype="float64")
+        self.sum_squares = self.add_variable(shape=(), initializer="zeros", name="sum_squares", dtype="float64")
+        self.squared_error = self.add_variable(shape=(), initializer="zeros", name="squared_error", dtype="float64")
+
+    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
+        y_true = tf.reshape(tf.cast(y_true, tf.float64), [-1])
+        y_pred = tf.reshape(tf.cast(y_pred, tf.float64), [-1])
+        self.count.assign_add(tf.cast(tf.size(y_true), tf.float64))
+        self.sum.assign_add(tf.reduce_sum(y_true))
+        self.sum_squares.assign_add(tf.reduce_sum(tf.square(y_true)))
+        self.squared_error.assign_add(tf.reduce_sum(tf.square(y_true - y_pred)))
+
+    def result(self) -> Any:
+        total = self.sum_squares - tf.math.divide_no_nan(tf.square(self.sum), self.count)
+        return tf.cast(1.0 - tf.math.divide_no_nan(self.squared_error, total), tf.float32)
+
+    def reset_state(self) -> None:
+        for variable in (self.count, self.sum, self.sum_squares, self.squared_error):
+            variable.assign(0.0)
+
+
+class ConfusionMatrix(keras.metrics.Metric):
+    """Running confusion matrix: rows are true classes, columns predicted classes."""
+
+    def __init__(self, num_classes: int, name: str = "confusion_matrix", **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.num_classes = int(num_classes)
+        self.matrix = self.add_variable(shape=(num_classes, num_classes), initializer="zeros", name="matrix", dtype="int64")
+
+    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
+        labels = tf.reshape(tf.cast(y_true, tf.int64), [-1])
+        predictions = tf.argmax(y_pred, axis=-1)
+        self.matrix.assign_add(tf.math.confusion_matrix(labels, predictions, self.num_classes, dtype=tf.int64))
+
+    def result(self) -> Any:
+        return tf.convert_to_tensor(self.matrix)
+
+    def reset_state(self) -> None:
+        self.matrix.assign(tf.zeros_like(self.matrix))
+
+
+class MetricSet:
+    """The metrics one split tracks, and how each is fed from (labels, outputs, loss)."""
+
+    def __init__(self, task: str, num_classes: int, huber_delta: float, with_confusion: bool = False) -> None:
+        self.task = task
+        self.loss = keras.metrics.Mean(name="loss")
+        self.huber = HuberMetric(huber_delta)
+        if task == "classification":
+            self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+            self.others = [self.accuracy]
+            self.confusion = ConfusionMatrix(num_classes) if with_confusion else None
+        else:
+            self.others = [keras.metrics.MeanAbsoluteError(name="mae"), keras.metrics.RootMeanSquaredError(name="rmse"), RSquared()]
+            self.confusion = None
+        self.num_classes = num_classes
+
+    @property
+    def all(self) -> list[keras.metrics.Metric]:
+        extra = [self.confusion] if self.confusion is not None else []
+        return [self.loss, *self.others, self.huber, *extra]
+
+    def update(self, labels: Any, outputs: Any, loss: Any) -> None:
+        """`outputs` are logits (classification) or predictions in target units (regression)."""
+        self.loss.update_state(loss)
+        if self.task == "classification":
+            probabilities = tf.nn.softmax(outputs)
+            self.accuracy.update_state(labels, outputs)
+            self.huber.update_state(tf.one_hot(tf.cast(labels, tf.int32), self.num_classes), probabilities)
+            if self.confusion is not None:
+                self.confusion.update_state(labels, outputs)
+        else:
+            for metric in self.others:
+                metric.update_state(labels, outputs)
+            self.huber.update_state(labels, outputs)
+
+    def reset(self) -> None:
+        for metric in self.all:
+            metric.reset_state()
+
+    def results(self) -> dict[str, float]:
+        """Scalar results as Python floats (confusion matrix excluded)."""
+        return {metric.name: float(metric.result()) for metric in self.all if metric is not self.confusion}
+
+    def confusion_matrix(self) -> np.ndarray:
+        if self.confusion is None:
+            raise ValueError("this MetricSet was built without a confusion matrix")
+        return np.asarray(self.confusion.result())
+
+    def variables(self) -> list[Any]:
+        return [variable for metric in self.all for variable in metric.variables]

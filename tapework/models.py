@@ -1,0 +1,237 @@
+"""Subclassed keras.Model families, built from params plus the prepared data's shape.
+
+A saved model is `model.json` (this builder's arguments) plus a weights file, so loading
+never deserialises code: the project's own builder makes the layers, then the weights fill them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+from tapework.errors import DataError
+from tapework.io import load_npz, read_json, save_npz, write_json
+from tapework.params import TrainParams, to_plain
+
+
+@keras.saving.register_keras_serializable(package="tapework")
+class Standardize(layers.Layer):
+    """(x - offset) / scale with constants from preprocess, so raw uint8 images go straight in."""
+
+    def __init__(self, offset: Any, scale: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.offset_values = np.asarray(offset, dtype="float32")
+        self.scale_values = np.asarray(scale, dtype="float32")
+
+    def call(self, inputs: Any) -> Any:
+        inputs = ops.cast(inputs, self.compute_dtype)
+        # Multiply by the reciprocal: one fused op instead of a division per element.
+        inverse = ops.cast(1.0 / self.scale_values, self.compute_dtype)
+        return (inputs - ops.cast(self.offset_values, self.compute_dtype)) * inverse
+
+
+def _regularizer(l2: float) -> Any:
+    return keras.regularizers.L2(l2) if l2 > 0 else None
+
+
+class MLP(keras.Model):
+    """Flatten -> [Dense(relu) -> Dropout] * n -> Dense(outputs)."""
+
+    def __init__(self, standardize: Standardize, hidden_units: tuple[int, ...], dropout: float, outputs: int, l2: float, seed: int) -> None:
+        super().__init__()
+        self.standardize = standardize
+        self.flatten = layers.Flatten()
+        self.hidden = [layers.Dense(units, activation="relu", kernel_regularizer=_regularizer(l2)) for units in hidden_units]
+        self.dropouts = [layers.Dropout(dropout, seed=seed + index) for index in range(len(hidden_units))]
+        # float32 head: under mixed precision the logits and the loss stay in full precision.
+        self.head = layers.Dense(outputs, dtype="float32", kernel_regularizer=_regularizer(l2))
+
+    def call(self, inputs: Any, training: bool = False) -> Any:
+        hidden = self.flatten(self.standardize(inputs))
+        for dense, dropout in zip(self.hidden, self.dropouts):
+            hidden = dropout(dense(hidden), training=training)
+        return self.head(hidden)
+
+
+class ResidualBlock(layers.Layer):
+    """relu(x + Dense(Dense(x))): the identity path keeps gradients flowing through depth."""
+
+    def __init__(self, width: int, dropout: float, l2: float, seed: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.first = layers.Dense(width, activation="relu", kernel_regularizer=_regularizer(l2))
+        self.second = layers.Dense(width, kernel_regularizer=_regularizer(l2))
+        self.dropout = layers.Dropout(dropout, seed=seed)
+
+    def call(self, inputs: Any, training: bool = False) -> Any:
+        residual = self.second(self.dropout(self.first(inputs), training=training))
+        return ops.relu(inputs + residual)
+
+
+class ResidualMLP(keras.Model):
+    """Flatten -> Dense(width) -> residual blocks -> head units -> classes (the project's original setup)."""
+
+    def __init__(self, standardize: Standardize, width: int, blocks: int, head_units: tuple[int, ...], dropout: float, outputs: int, l2: float, seed: int) -> None:
+        super().__init__()
+        self.standardize = standardize
+        self.flatten = layers.Flatten()
+        self.stem = layers.Dense(width, activation="relu", kernel_regularizer=_regularizer(l2))
+        self.blocks = [ResidualBlock(width, dropout, l2, seed + index) for index in range(blocks)]
+        self.neck = [layers.Dense(units, activation="relu", kernel_regularizer=_regularizer(l2)) for units in head_units]
+        self.head = layers.Dense(outputs, dtype="float32", kernel_regularizer=_regularizer(l2))
+
+    def call(self, inputs: Any, training: bool = False) -> Any:
+        hidden = self.stem(self.flatten(self.standardize(inputs)))
+        for block in self.blocks:
+            hidden = block(hidden, training=training)
+        for dense in self.neck:
+            hidden = dense(hidden)
+        return self.head(hidden)
+
+
+class CNN(keras.Model):
+    """[Conv3x3(relu) -> MaxPool2] per filter count -> Dense -> Dropout -> classes."""
+
+    def __init__(self, standardize: Standardize, filters: tuple[int, ...], kernel_size: int, dense_units: int, dropout: float, outputs: int, l2: float, seed: int) -> None:
+        super().__init__()
+        self.standardize = standardize
+        self.convolutions = [
+            layers.Conv2D(count, kernel_size, padding="same", activation="relu", kernel_regularizer=_regularizer(l2)) for count in filters
+        ]
+        # Pool only while the map is at least 2 wide, so small inputs (8x8 digits) still work.
+        self.pool = layers.MaxPooling2D(2, padding="same")
+        self.flatten = layers.Flatten()
+        self.dense = layers.Dense(dense_units, activation="relu", kernel_regularizer=_regularizer(l2))
+        self.dropout = layers.Dropout(dropout, seed=seed)
+        self.head = layers.Dense(outputs, dtype="float32", kernel_regularizer=_regularizer(l2))
+
+    def call(self, inputs: Any, training: bool = False) -> Any:
+        hidden = self.standardize(inputs)
+        for convolution in self.convolutions:
+            hidden = convolution(hidden)
+            if hidden.shape[1] is not None and hidden.shape[1] >= 2:
+                hidden = self.pool(hidden)
+        hidden = self.dense(self.flatten(hidden))
+        return self.head(self.dropout(hidden, training=training))
+
+
+class TransformerBlock(layers.Layer):
+    """Pre-norm encoder block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, embed_dim: int, num_heads: int, mlp_dim: int, dropout: float, seed: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.attention_norm = layers.LayerNormalization(epsilon=1e-6)
+        self.attention = layers.MultiHeadAttention(num_heads, embed_dim // num_heads, dropout=dropout, seed=seed)
+        self.mlp_norm = layers.LayerNormalization(epsilon=1e-6)
+        self.mlp_in = layers.Dense(mlp_dim, activation="gelu")
+        self.mlp_out = layers.Dense(embed_dim)
+        self.dropout = layers.Dropout(dropout, seed=seed + 1)
+
+    def call(self, inputs: Any, training: bool = False) -> Any:
+        normed = self.attention_norm(inputs)
+        hidden = inputs + self.attention(normed, normed, training=training)
+        update = self.mlp_out(self.dropout(self.mlp_in(self.mlp_norm(hidden)), training=training))
+        return hidden + update
+
+
+class VisionTransformer(keras.Model):
+    """Patch embedding (strided conv) + learned positions -> encoder blocks -> mean pool -> classes."""
+
+    def __init__(self, standardize: Standardize, image_shape: tuple[int, int, int], patch_size: int, embed_dim: int, num_heads: int, num_blocks: int, mlp_dim: int, dropout: float, outputs: int, seed: int) -> None:
+        super().__init__()
+        height, width, _ = image_shape
+        if height % patch_size or width % patch_size:
+            raise ValueError(f"train.vit.patch_size = {patch_size} must divide the image size {height}x{width}")
+        self.num_patches = (height // patch_size) * (width // patch_size)
+        self.standardize = standardize
+        # A conv with stride = kernel = patch size is exactly "split into patches + linear projection".
+        self.patchify = layers.Conv2D(embed_dim, patch_size, strides=patch_size)
+        self.to_sequence = layers.Reshape((self.num_patches, embed_dim))
+        self.positions = layers.Embedding(self.num_patches, embed_dim)
+        self.blocks = [TransformerBlock(embed_dim, num_heads, mlp_dim, dropout, seed + 2 * index) for index in range(num_blocks)]
+        self.final_norm = layers.LayerNormalization(epsilon=1e-6)
+        self.pool = layers.GlobalAveragePooling1D()
+        self.head = layers.Dense(outputs, dtype="float32")
+
+    def call(self, inputs: Any, training: bool = False) -> Any:
+        tokens = self.to_sequence(self.patchify(self.standardize(inputs)))
+        tokens = tokens + self.positions(ops.arange(self.num_patches))
+        for block in self.blocks:
+            tokens = block(tokens, training=training)
+        return self.head(self.pool(self.final_norm(tokens)))
+
+
+def model_config(train: TrainParams, input_shape: tuple[int, ...], outputs: int, offset: Any, scale: Any) -> dict[str, Any]:
+    """Everything needed to rebuild the model: written to models/model.json by train."""
+    return {
+        "model": train.model,
+        "settings": to_plain(getattr(train, train.model)),
+        "input_shape": list(input_shape),
+        "outputs": outputs,
+        "l2": train.l2,
+        "seed": train.seed,
+        "offset": np.asarray(offset, dtype="float32").tolist(),
+        "scale": np.asarray(scale, dtype="float32").tolist(),
+    }
+
+
+def build_model(config: dict[str, Any]) -> keras.Model:
+    """Instantiate and build (create variables for) the model described by `config`."""
+    settings = dict(config["settings"])
+    for key, value in settings.items():
+        if isinstance(value, list):
+            settings[key] = tuple(value)
+    standardize = Standardize(config["offset"], config["scale"])
+    common = {"outputs": config["outputs"], "seed": config["seed"]}
+    name = config["model"]
+    if name == "mlp":
+        model = MLP(standardize, l2=config["l2"], **settings, **common)
+    elif name == "residual_mlp":
+        model = ResidualMLP(standardize, l2=config["l2"], **settings, **common)
+    elif name == "cnn":
+        model = CNN(standardize, l2=config["l2"], **settings, **common)
+    elif name == "vit":
+        model = VisionTransformer(standardize, tuple(config["input_shape"]), **settings, **common)
+    else:
+        raise ValueError(f"unknown model '{name}' in model config; expected mlp, residual_mlp, cnn or vit")
+    model(np.zeros((1, *config["input_shape"]), dtype="float32"))  # creates every variable
+    return model
+
+
+def weights_dict(model: keras.Model) -> dict[str, np.ndarray]:
+    """Model variables (trainable and RNG state) keyed by position and path, in build order."""
+    return {f"{index:04d}|{variable.path.replace('/', '.')}": np.asarray(variable.numpy()) for index, variable in enumerate(model.weights)}
+
+
+def assign_weights(model: keras.Model, weights: dict[str, np.ndarray]) -> None:
+    """Load arrays saved by `weights_dict` into a model made by the same builder; shapes must match."""
+    variables = model.weights
+    if len(weights) != len(variables):
+        raise ValueError(f"weights file holds {len(weights)} arrays but the model has {len(variables)} variables; was it trained with other params?")
+    for (name, array), variable in zip(sorted(weights.items()), variables):
+        if tuple(array.shape) != tuple(variable.shape):
+            raise ValueError(f"weights entry {name} has shape {array.shape} but the model expects {tuple(variable.shape)}; retrain")
+        variable.assign(array)
+
+
+
+def save_model(model: keras.Model, config: dict[str, Any], directory: str | Path) -> None:
+    """models/model.json (builder arguments) + models/model.weights.npz (deterministic bytes)."""
+    directory = Path(directory)
+    save_npz(directory / "model.weights.npz", weights_dict(model))
+    write_json(directory / "model.json", config)
+
+
+def load_model(directory: str | Path) -> tuple[keras.Model, dict[str, Any]]:
+    """Rebuild with the project's own builder, then fill in weights: no code is deserialised."""
+    directory = Path(directory)
+    for name in ("model.json", "model.weights.npz"):
+        if not (directory / name).is_file():
+            raise DataError(f"{directory / name} is missing: run the train stage first (dvc repro train)")
+    config = read_json(directory / "model.json")
+    model = build_model(config)
+    assign_weights(model, load_npz(directory / "model.weights.npz"))
+    return model, config

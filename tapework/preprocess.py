@@ -1,0 +1,146 @@
+"""Deterministic splits, normalisation statistics and the compact arrays train reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tapework.errors import DataError
+from tapework.io import atomic_directory, load_array, read_json, save_array, sha256_file, write_json
+from tapework.params import PreprocessParams
+
+SPLITS = ("train", "val", "test")
+
+
+def split_indices(size: int, fraction: float, seed: int, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Split range(size) into (kept, held_out) with about `fraction` held out, both sorted.
+
+    With labels the split is stratified: each class gives the same share, so small validation
+    sets keep the class balance. The result depends only on (size, fraction, seed, labels).
+    """
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(size)] if labels is None else [np.flatnonzero(labels == value) for value in np.unique(labels)]
+    held = []
+    for group in groups:
+        shuffled = rng.permutation(group)
+        held.append(shuffled[: int(round(fraction * len(group)))])
+    held_out = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    kept = np.setdiff1d(np.arange(size), held_out, assume_unique=True)
+    if len(kept) == 0 or len(held_out) == 0:
+        raise DataError(f"splitting {size} examples with fraction {fraction} leaves an empty split; use more data or another fraction")
+    return kept, held_out
+
+
+def subsample(size: int, count: int, seed: int) -> np.ndarray:
+    """`count` sorted indices out of range(size), chosen by the seed (all of them when count is 0)."""
+    if count == 0 or count >= size:
+        return np.arange(size)
+    return np.sort(np.random.default_rng([seed, 1]).permutation(size)[:count])
+
+
+def normalization_stats(inputs: np.ndarray, method: str, image: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(offset, scale) from the training split only, so validation and test never leak into it.
+
+    Images get one value per channel; tabular data one per feature.
+    """
+    axes = tuple(range(inputs.ndim - 1)) if image else 0
+    values = inputs.astype(np.float64)  # float64 sums: float32 loses digits over millions of pixels
+    if method == "standard":
+        offset, scale = values.mean(axis=axes), values.std(axis=axes)
+    elif method == "minmax":
+        offset = values.min(axis=axes)
+        scale = values.max(axis=axes) - offset
+    elif method == "none":
+        offset, scale = np.zeros(inputs.shape[-1]), np.ones(inputs.shape[-1])
+    else:
+        raise ValueError(f"unknown normalization '{method}'; expected standard, minmax or none")
+    # A constant feature has scale 0: leave it unscaled instead of dividing by zero.
+    scale = np.where(scale > 0, scale, 1.0)
+    return offset.astype(np.float32), scale.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    arrays: dict[str, np.ndarray]  # x_train, y_train, x_val, y_val, x_test, y_test
+    meta: dict[str, Any]
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.arrays[f"x_{name}"], self.arrays[f"y_{name}"]
+
+
+def _class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
+    return np.bincount(labels, minlength=num_classes).tolist()
+
+
+def prepare(raw: Any, params: PreprocessParams, dataset: str) -> Prepared:
+    """Raw data set -> train/val/test arrays plus the statistics the model standardises with."""
+    classification = raw.task == "classification"
+    x_all, y_all = raw.x_train, raw.y_train
+    if len(x_all) != len(y_all):
+        raise DataError(f"{dataset}: {len(x_all)} inputs but {len(y_all)} labels; re-run the download stage")
+    if raw.x_test is None:
+        kept, held = split_indices(len(x_all), params.test_fraction, params.seed, y_all if classification else None)
+        x_test, y_test = x_all[held], y_all[held]
+        x_all, y_all = x_all[kept], y_all[kept]
+    else:
+        x_test, y_test = raw.x_test, raw.y_test
+    kept, held = split_indices(len(x_all), params.val_fraction, params.seed + 1, y_all if classification else None)
+    x_train, y_train, x_val, y_val = x_all[kept], y_all[kept], x_all[held], y_all[held]
+    chosen = subsample(len(x_train), params.max_train_examples, params.seed)
+    x_train, y_train = x_train[chosen], y_train[chosen]
+
+    image = raw.image_shape is not None
+    # Images stay uint8 (4x smaller); the model standardises them on the fly with these stats.
+    input_dtype = np.uint8 if image else np.float32
+    label_dtype = np.int32 if classification else np.float32
+    arrays = {}
+    for name, (inputs, labels) in {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}.items():
+        arrays[f"x_{name}"] = np.ascontiguousarray(inputs, dtype=input_dtype)
+        arrays[f"y_{name}"] = np.ascontiguousarray(labels, dtype=label_dtype)
+    offset, scale = normalization_stats(arrays["x_train"], params.normalization, image)
+    num_classes = len(raw.class_names) if classification else 0
+    meta: dict[str, Any] = {
+        "dataset": dataset,
+        "task": raw.task,
+        "input_shape": list(arrays["x_train"].shape[1:]),
+        "num_classes": num_classes,
+        "class_names": list(raw.class_names),
+        "feature_names": list(raw.feature_names) if raw.feature_names else None,
+        "normalization": {"method": params.normalization, "offset": offset.tolist(), "scale": scale.tolist()},
+        "counts": {name: int(len(arrays[f"y_{name}"])) for name in SPLITS},
+    }
+    if classification:
+        meta["class_counts"] = {name: _class_counts(arrays[f"y_{name}"], num_classes) for name in SPLITS}
+    else:
+        targets = arrays["y_train"].astype(np.float64)
+        meta["target"] = {"offset": float(targets.mean()), "scale": float(targets.std() or 1.0)}
+    return Prepared(arrays, meta)
+
+
+def write_prepared(prepared: Prepared, directory: str | Path) -> None:
+    """Write every array and meta.json (with each array's SHA-256) as one all-or-nothing folder."""
+    with atomic_directory(directory) as temp:
+        hashes = {}
+        for name, array in sorted(prepared.arrays.items()):
+            save_array(temp / f"{name}.npy", array)
+            hashes[f"{name}.npy"] = sha256_file(temp / f"{name}.npy")
+        write_json(temp / "meta.json", {**prepared.meta, "sha256": hashes})
+
+
+def load_prepared(directory: str | Path, verify: bool = True) -> Prepared:
+    """Read what write_prepared wrote; with `verify`, a changed or truncated array is an error."""
+    directory = Path(directory)
+    meta_path = directory / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path} is missing: run the preprocess stage first (dvc repro preprocess)")
+    meta = read_json(meta_path)
+    arrays = {}
+    for file_name, expected in meta["sha256"].items():
+        path = directory / file_name
+        if verify and (not path.is_file() or sha256_file(path) != expected):
+            raise DataError(f"{path} does not match the hash in meta.json: re-run the preprocess stage (dvc repro -f preprocess)")
+        arrays[file_name.removesuffix(".npy")] = load_array(path)
+    return Prepared(arrays, meta)

@@ -1,0 +1,265 @@
+"""The epoch loop around the compiled steps: data order, validation, early stopping,
+checkpoints, TensorBoard, non-finite detection. The steps themselves live in loop.py."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import tensorflow as tf
+from tqdm import tqdm
+
+from tapework.batching import make_dataset, steps_per_epoch
+from tapework.checkpoint import CheckpointStore, TrainingState
+from tapework.errors import NonFiniteLossError
+from tapework.loop import Evaluator, TaskSpec, make_train_function
+from tapework.metrics import MetricSet
+from tapework.models import build_model, model_config
+from tapework.optim import current_learning_rate, make_optimizer
+from tapework.params import TrainParams, to_plain
+from tapework.preprocess import Prepared
+
+log = logging.getLogger(__name__)
+
+
+def configure_determinism(seed: int) -> None:
+    """Same seed + code + machine => bitwise-identical weights and metrics."""
+    keras.utils.set_random_seed(seed)  # Python, NumPy and TF global seeds in one call
+    tf.config.experimental.enable_op_determinism()  # picks deterministic kernels, fixes reduction order
+
+
+def task_spec(meta: dict[str, Any], label_smoothing: float = 0.0) -> TaskSpec:
+    if meta["task"] == "classification":
+        return TaskSpec("classification", meta["num_classes"], label_smoothing=label_smoothing)
+    return TaskSpec("regression", 1, target_offset=meta["target"]["offset"], target_scale=meta["target"]["scale"])
+
+
+def fingerprint(train: TrainParams, meta: dict[str, Any]) -> str:
+    """Identifies (params, data) so a checkpoint is only ever resumed by the run that wrote it."""
+    payload = json.dumps({"train": to_plain(train), "data": meta["sha256"]}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def make_strategy(train: TrainParams) -> tf.distribute.Strategy | None:
+    if train.distribute == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if train.distribute == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return None
+
+
+@dataclass
+class TrainResult:
+    model: keras.Model
+    config: dict[str, Any]
+    history: list[dict[str, Any]]
+    best_epoch: int
+    stopped_early: bool
+
+    def summary(self) -> dict[str, Any]:
+        """metrics/train.json: final train metrics and the val metrics of the kept weights."""
+        kept = self.history[self.best_epoch - 1]
+        final = self.history[-1]
+        return {
+            "train": {key.removeprefix("train_"): value for key, value in final.items() if key.startswith("train_")},
+            "val": {key.removeprefix("val_"): value for key, value in kept.items() if key.startswith("val_")},
+            "epochs_run": len(self.history),
+            "best_epoch": self.best_epoch,
+            "stopped_early": self.stopped_early,
+        }
+
+
+class _Monitor:
+    """Early stopping: is this epoch's monitored value an improvement?"""
+
+    def __init__(self, name: str, min_delta: float) -> None:
+        self.name = name
+        self.min_delta = min_delta
+        # Loss-like metrics improve downwards; accuracy and R^2 upwards.
+        self.sign = -1.0 if name in ("val_accuracy", "val_r2") else 1.0
+
+    def score(self, row: dict[str, Any]) -> float:
+        return self.sign * row[self.name]
+
+    def improved(self, row: dict[str, Any], best: float) -> bool:
+        return self.score(row) < best - self.min_delta
+
+
+def _summaries(log_dir: Path | None) -> dict[str, Any]:
+    if log_dir is None:
+        return {}
+    return {split: tf.summary.create_file_writer(str(log_dir / split)) for split in ("train", "val")}
+
+
+def _write_summaries(writers: dict[str, Any], row: dict[str, Any], model: keras.Model, epoch: int, histograms: bool) -> None:
+    if not writers:
+        return
+    for split, writer in writers.items():
+        with writer.as_default(step=epoch):
+            for key, value in row.items():
+                if key.startswith(f"{split}_"):
+                    tf.summary.scalar(key.removeprefix(f"{split}_"), value)
+            if split == "train":
+                tf.summary.scalar("learning_rate", row["learning_rate"])
+                if histograms:
+                    for variable in model.trainable_variables:
+                        tf.summary.histogram(variable.path, variable.value)
+        writer.flush()
+
+
+def train(
+    train_params: TrainParams,
+    data: Prepared,
+    *,
+    checkpoint_dir: Path | None = None,
+    log_dir: Path | None = None,
+    stop_after_epochs: int | None = None,
+) -> TrainResult:
+    """Train from scratch or resume from `checkpoint_dir`; returns the model and per-epoch history.
+
+    `stop_after_epochs` ends the process-level run early (tests use it to simulate a crash).
+    """
+    configure_determinism(train_params.seed)
+    keras.mixed_precision.set_dtype_policy("mixed_float16" if train_params.mixed_precision else "float32")
+    meta = data.meta
+    spec = task_spec(meta, train_params.label_smoothing)
+    x_train, y_train = data.split("train")
+    x_val, y_val = data.split("val")
+    steps = steps_per_epoch(len(x_train), train_params.batch_size, train_params.drop_remainder)
+    if steps == 0:
+        raise ValueError(
+            f"train.batch_size = {train_params.batch_size} with drop_remainder leaves no batch from "
+            f"{len(x_train)} training examples; lower train.batch_size"
+        )
+    strategy = make_strategy(train_params)
+    normalization = meta["normalization"]
+    config = model_config(train_params, tuple(meta["input_shape"]), spec.outputs, normalization["offset"], normalization["scale"])
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        model = build_model(config)
+        optimizer = make_optimizer(train_params, steps)
+        optimizer.build(model.trainable_variables)  # slots must exist before the first traced step
+        train_metrics = MetricSet(spec.task, spec.num_classes, train_params.huber_delta)
+    val_metrics = MetricSet(spec.task, spec.num_classes, train_params.huber_delta)
+    evaluator = Evaluator(model, spec, val_metrics, train_params.steps_per_execution)
+    train_function = make_train_function(
+        model,
+        optimizer,
+        spec,
+        train_metrics,
+        steps_per_execution=train_params.steps_per_execution,
+        stop_on_nonfinite=train_params.on_nonfinite == "error",
+        jit_compile=train_params.jit_compile,
+        strategy=strategy,
+    )
+    state = TrainingState(model)
+    store = None
+    if checkpoint_dir is not None:
+        store = CheckpointStore(checkpoint_dir, fingerprint(train_params, meta), model, optimizer, train_metrics.variables(), state)
+        if store.restore_if_compatible():
+            log.info("resumed from %s at epoch %d", store.manager.latest_checkpoint, int(state.epoch))
+    monitor = _Monitor(train_params.early_stopping.monitor, train_params.early_stopping.min_delta)
+    patience = train_params.early_stopping.patience
+    writers = _summaries(log_dir)
+    val_dataset = make_dataset(x_val, y_val, train_params.batch_size)
+    stopped_early = False
+    epochs_this_process = 0
+    # A resumed run that had already stopped early must not start training again.
+    while int(state.epoch) < train_params.epochs and not (patience > 0 and int(state.epochs_without_improvement) >= patience):
+        epoch = int(state.epoch) + 1
+        started = time.perf_counter()
+        train_metrics.reset()
+        dataset = make_dataset(x_train, y_train, train_params.batch_size, seed=train_params.seed, epoch=epoch, drop_remainder=train_params.drop_remainder)
+        if strategy is not None:
+            dataset = strategy.experimental_distribute_dataset(dataset)
+        iterator = iter(dataset)
+        done = skipped = 0
+        with tqdm(total=steps, desc=f"epoch {epoch}", unit="step", leave=False, disable=not sys.stderr.isatty()) as bar:
+            while True:
+                ran, bad = (int(value) for value in train_function(iterator))
+                done += ran
+                bar.update(ran)
+                if bad and train_params.on_nonfinite == "error":
+                    raise NonFiniteLossError(
+                        f"non-finite loss at epoch {epoch}, step {done}: training stopped and nothing was written. "
+                        "Lower train.learning_rate, set train.clip_norm, or set train.on_nonfinite: skip"
+                    )
+                skipped += bad
+                if ran < train_params.steps_per_execution:
+                    break
+        if skipped:
+            log.warning("epoch %d: skipped %d step(s) with a non-finite loss", epoch, skipped)
+        train_results = train_metrics.results()
+        val_results, _ = evaluator(val_dataset)
+        row = {"epoch": epoch, "learning_rate": current_learning_rate(optimizer), "skipped_steps": skipped}
+        row.update({f"train_{key}": value for key, value in train_results.items()})
+        row.update({f"val_{key}": value for key, value in val_results.items()})
+        if not all(math.isfinite(value) for value in row.values()):
+            raise NonFiniteLossError(f"epoch {epoch} produced non-finite metrics {row}; nothing was written")
+        seconds = time.perf_counter() - started
+        log.info(
+            "epoch %d/%d  %s  lr %.3g  %.1fs",
+            epoch,
+            train_params.epochs,
+            "  ".join(f"{key} {value:.4f}" for key, value in row.items() if key.startswith(("train_", "val_"))),
+            row["learning_rate"],
+            seconds,
+        )
+        state.epoch.assign(epoch)
+        state.append_history(row)
+        if monitor.improved(row, float(state.best_value)):
+            state.best_value.assign(monitor.score(row))
+            state.best_epoch.assign(epoch)
+            state.epochs_without_improvement.assign(0)
+            state.remember_best(model)
+        else:
+            state.epochs_without_improvement.assign_add(1)
+        _write_summaries(writers, row, model, epoch, bool(train_params.histogram_every) and epoch % max(train_params.histogram_every, 1) == 0)
+        stop = patience > 0 and int(state.epochs_without_improvement) >= patience
+        if store is not None and (epoch % train_params.checkpoint_every == 0 or stop or epoch == train_params.epochs):
+            store.save(epoch)
+        epochs_this_process += 1
+        if stop:
+            stopped_early = True
+            log.info("early stopping at epoch %d: %s has not improved for %d epochs", epoch, monitor.name, patience)
+            break
+        if stop_after_epochs is not None and epochs_this_process >= stop_after_epochs:
+            break
+    history = state.history
+    best_epoch = int(state.best_epoch) if patience > 0 else len(history)
+    if patience > 0 and train_params.early_stopping.restore_best:
+        state.restore_best(model)
+    elif patience > 0:
+        best_epoch = len(history)
+    stopped_early = stopped_early or (patience > 0 and int(state.epochs_without_improvement) >= patience)
+    return TrainResult(model, config, history, best_epoch, stopped_early)
+
+
+def history_table(history: list[dict[str, Any]]) -> str:
+    """Per-epoch history as TSV (no wall-clock columns, so identical runs give identical bytes)."""
+    columns = list(history[0])
+    lines = ["\t".join(columns)]
+    for row in history:
+        lines.append("\t".join(repr(row[column]) if isinstance(row[column], float) else str(row[column]) for column in columns))
+    return "\n".join(lines) + "\n"
+
+
+
+def is_chief() -> bool:
+    """True unless TF_CONFIG names this process a non-chief worker (only the chief writes outputs)."""
+    config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    task = config.get("task", {})
+    kind, index = task.get("type", "chief"), int(task.get("index", 0))
+    if kind == "chief":
+        return True
+    # Without an explicit chief, worker 0 plays that role (TensorFlow's convention).
+    return kind == "worker" and index == 0 and "chief" not in config.get("cluster", {})

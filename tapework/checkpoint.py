@@ -34,7 +34,7 @@ class TrainingState:
         self.best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="best_epoch")
         self.epochs_without_improvement = tf.Variable(0, dtype=tf.int64, trainable=False, name="wait")
         self.history_json = tf.Variable("[]", dtype=tf.string, trainable=False, name="history")
-        self.best_weights = [tf.Variable(variable.numpy(), trainable=False) for variable in model.weights]
+        self.best_weights = [tf.Variable(variable.numpy(), trainable=False) for variable in model.variables]
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -44,11 +44,11 @@ class TrainingState:
         self.history_json.assign(json.dumps([*self.history, row], sort_keys=True))
 
     def remember_best(self, model: keras.Model) -> None:
-        for saved, variable in zip(self.best_weights, model.weights):
+        for saved, variable in zip(self.best_weights, model.variables):
             saved.assign(variable.numpy())
 
     def restore_best(self, model: keras.Model) -> None:
-        for saved, variable in zip(self.best_weights, model.weights):
+        for saved, variable in zip(self.best_weights, model.variables):
             variable.assign(saved.numpy())
 
 
@@ -60,7 +60,7 @@ class CheckpointStore:
         self.fingerprint = fingerprint
         self.fingerprint_variable = tf.Variable(fingerprint, dtype=tf.string, trainable=False, name="fingerprint")
         self.checkpoint = tf.train.Checkpoint(
-            model_variables=_raw(model.weights),
+            model_variables=_raw(model.variables),
             optimizer_variables=_raw(optimizer.variables),
             metric_variables=_raw(metric_variables),
             epoch=state.epoch,

@@ -202,13 +202,17 @@ def build_model(config: dict[str, Any]) -> keras.Model:
 
 
 def weights_dict(model: keras.Model) -> dict[str, np.ndarray]:
-    """Model variables (trainable and RNG state) keyed by position and path, in build order."""
-    return {f"{index:04d}|{variable.path.replace('/', '.')}": np.asarray(variable.numpy()) for index, variable in enumerate(model.weights)}
+    """Model variables, trainable and dropout RNG state (`weights` would miss the RNG), keyed by build position and short name.
+
+    Not by path: Keras numbers layer names per process (dense_3, dense_17...), which would make
+    the file's bytes depend on what else the process built.
+    """
+    return {f"{index:04d}|{variable.name}": np.asarray(variable.numpy()) for index, variable in enumerate(model.variables)}
 
 
 def assign_weights(model: keras.Model, weights: dict[str, np.ndarray]) -> None:
     """Load arrays saved by `weights_dict` into a model made by the same builder; shapes must match."""
-    variables = model.weights
+    variables = model.variables
     if len(weights) != len(variables):
         raise ValueError(f"weights file holds {len(weights)} arrays but the model has {len(variables)} variables; was it trained with other params?")
     for (name, array), variable in zip(sorted(weights.items()), variables):

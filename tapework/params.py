@@ -27,8 +27,8 @@ DATASET_TASKS: dict[str, str | None] = {
     "california_housing": "regression",
     "csv": None,
 }
-# Data sets whose examples are images (height, width, channels): the only ones cnn / vit accept.
-IMAGE_DATASETS = {"digits", "mnist", "fashion_mnist", "cifar10"}
+# Image data sets and their (height, width, channels): the only ones cnn / vit accept.
+IMAGE_SHAPES = {"digits": (8, 8, 1), "mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 
 # Which tasks each model family can be trained for.
 MODEL_TASKS: dict[str, tuple[str, ...]] = {
@@ -291,10 +291,14 @@ def _cross_check(params: Params) -> None:
             f"it is a {'/'.join(MODEL_TASKS[train.model])} model but data set '{dataset}' is a {task} task; "
             f"use one of {', '.join(m for m, tasks in MODEL_TASKS.items() if task in tasks)}",
         )
-    if train.model in IMAGE_MODELS and dataset not in IMAGE_DATASETS:
+    if train.model in IMAGE_MODELS and dataset not in IMAGE_SHAPES:
         _fail("train.model", train.model, f"it needs image data but '{dataset}' is tabular; use mlp or residual_mlp")
-    if train.model == "vit" and train.vit.embed_dim % train.vit.num_heads:
-        _fail("train.vit.num_heads", train.vit.num_heads, f"must divide train.vit.embed_dim = {train.vit.embed_dim}")
+    if train.model == "vit":
+        if train.vit.embed_dim % train.vit.num_heads:
+            _fail("train.vit.num_heads", train.vit.num_heads, f"must divide train.vit.embed_dim = {train.vit.embed_dim}")
+        height, width, _ = IMAGE_SHAPES[dataset]
+        if height % train.vit.patch_size or width % train.vit.patch_size:
+            _fail("train.vit.patch_size", train.vit.patch_size, f"must divide the {height}x{width} images of '{dataset}'")
     monitors = CLASSIFICATION_MONITORS if task == "classification" else REGRESSION_MONITORS
     if train.early_stopping.monitor not in monitors:
         _fail("train.early_stopping.monitor", train.early_stopping.monitor, f"for a {task} task use one of {', '.join(monitors)}")

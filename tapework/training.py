@@ -46,7 +46,7 @@ def task_spec(meta: dict[str, Any], label_smoothing: float = 0.0) -> TaskSpec:
 
 def fingerprint(train: TrainParams, meta: dict[str, Any]) -> str:
     """Identifies (params, data) so a checkpoint is only ever resumed by the run that wrote it."""
-    payload = json.dumps({"train": to_plain(train), "data": meta["sha256"]}, sort_keys=True)
+    payload = json.dumps({"train": to_plain(train), "data": meta}, sort_keys=True)  # meta holds the array hashes
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -1,0 +1,159 @@
+"""The hand-written train step against an independent NumPy forward/backward pass."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tapework.batching import make_dataset
+from tapework.loop import Evaluator, TaskSpec, make_train_function
+from tapework.metrics import MetricSet
+from tapework.models import build_model
+
+
+def tiny_mlp(features=6, hidden=5, classes=3, seed=0):
+    keras.utils.set_random_seed(seed)
+    config = {
+        "model": "mlp",
+        "settings": {"hidden_units": [hidden], "dropout": 0.0},
+        "input_shape": [features],
+        "outputs": classes,
+        "l2": 0.0,
+        "seed": seed,
+        "offset": [0.0] * features,
+        "scale": [1.0] * features,
+    }
+    return build_model(config)
+
+
+def numpy_sgd_step(weights, inputs, labels, learning_rate):
+    """Softmax cross-entropy MLP, gradients by hand (chain rule), one plain SGD update."""
+    w1, b1, w2, b2 = (np.asarray(w, np.float64) for w in weights)
+    x = inputs.astype(np.float64)
+    pre = x @ w1 + b1
+    hidden = np.maximum(pre, 0.0)
+    logits = hidden @ w2 + b2
+    logits -= logits.max(axis=1, keepdims=True)
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    count = len(labels)
+    loss = -np.log(probabilities[np.arange(count), labels]).mean()
+    d_logits = probabilities.copy()
+    d_logits[np.arange(count), labels] -= 1.0
+    d_logits /= count
+    d_w2, d_b2 = hidden.T @ d_logits, d_logits.sum(axis=0)
+    d_hidden = (d_logits @ w2.T) * (pre > 0)
+    d_w1, d_b1 = x.T @ d_hidden, d_hidden.sum(axis=0)
+    updated = [w - learning_rate * g for w, g in zip((w1, b1, w2, b2), (d_w1, d_b1, d_w2, d_b2))]
+    return loss, updated
+
+
+def trainable_arrays(model):
+    return [variable.numpy() for variable in model.trainable_variables]
+
+
+def test_train_step_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(size=(8, 6)).astype(np.float32)
+    labels = rng.integers(0, 3, size=8).astype(np.int32)
+    model = tiny_mlp()
+    before = trainable_arrays(model)
+    optimizer = keras.optimizers.SGD(learning_rate=0.1)
+    optimizer.build(model.trainable_variables)
+    spec = TaskSpec("classification", 3)
+    metrics = MetricSet("classification", 3, 1.0)
+    run = make_train_function(model, optimizer, spec, metrics)
+    steps, bad = run(iter(make_dataset(inputs, labels, batch_size=8)))
+    assert (int(steps), int(bad)) == (1, 0)
+    expected_loss, expected_weights = numpy_sgd_step(before, inputs, labels, 0.1)
+    assert metrics.results()["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    for got, expected in zip(trainable_arrays(model), expected_weights):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def train_weights(steps_per_execution, inputs, labels):
+    model = tiny_mlp(seed=3)
+    optimizer = keras.optimizers.Adam(0.01)
+    optimizer.build(model.trainable_variables)
+    metrics = MetricSet("classification", 3, 1.0)
+    run = make_train_function(model, optimizer, TaskSpec("classification", 3), metrics, steps_per_execution=steps_per_execution)
+    iterator = iter(make_dataset(inputs, labels, batch_size=7, seed=1, epoch=1))
+    total = 0
+    while True:
+        steps, _ = run(iterator)
+        total += int(steps)
+        if int(steps) < steps_per_execution:
+            break
+    return total, trainable_arrays(model), metrics.results()
+
+
+def test_steps_per_execution_changes_nothing_but_speed():
+    rng = np.random.default_rng(1)
+    inputs = rng.normal(size=(50, 6)).astype(np.float32)
+    labels = rng.integers(0, 3, size=50).astype(np.int32)
+    steps_one, weights_one, results_one = train_weights(1, inputs, labels)
+    steps_many, weights_many, results_many = train_weights(4, inputs, labels)
+    assert steps_one == steps_many == 8  # 50 examples / batch 7, last batch partial
+    for a, b in zip(weights_one, weights_many):
+        np.testing.assert_array_equal(a, b)
+    assert results_one == results_many
+
+
+def test_non_finite_step_is_reported_and_never_applied():
+    # A NaN target poisons its batch's loss for sure (a NaN input can vanish through ReLU).
+    inputs = np.ones((4, 6), np.float32)
+    targets = np.array([1.0, 2.0, np.nan, 3.0], np.float32)
+    model = tiny_mlp(classes=1)
+    before = trainable_arrays(model)
+    optimizer = keras.optimizers.SGD(0.1)
+    optimizer.build(model.trainable_variables)
+    spec = TaskSpec("regression", 1)
+    run = make_train_function(model, optimizer, spec, MetricSet("regression", 0, 1.0), steps_per_execution=4)
+    steps, bad = run(iter(make_dataset(inputs, targets, batch_size=2)))
+    assert (int(steps), int(bad)) == (2, 1)  # first batch applied, second NaN: stop there
+    after = trainable_arrays(model)
+    assert all(np.isfinite(a).all() for a in after)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_skip_mode_skips_only_the_bad_step():
+    inputs = np.ones((6, 6), np.float32)
+    targets = np.array([1.0, 2.0, np.inf, 3.0, 4.0, 5.0], np.float32)
+    model = tiny_mlp(classes=1)
+    optimizer = keras.optimizers.SGD(0.01)
+    optimizer.build(model.trainable_variables)
+    spec = TaskSpec("regression", 1)
+    run = make_train_function(model, optimizer, spec, MetricSet("regression", 0, 1.0), steps_per_execution=8, stop_on_nonfinite=False)
+    steps, bad = run(iter(make_dataset(inputs, targets, batch_size=2)))
+    assert (int(steps), int(bad)) == (3, 1)
+    assert int(optimizer.iterations) == 2
+    assert all(np.isfinite(a).all() for a in trainable_arrays(model))
+
+
+def test_evaluator_collects_outputs_and_matches_fast_path():
+    rng = np.random.default_rng(2)
+    inputs = rng.normal(size=(30, 6)).astype(np.float32)
+    labels = rng.integers(0, 3, size=30).astype(np.int32)
+    model = tiny_mlp()
+    evaluator = Evaluator(model, TaskSpec("classification", 3), MetricSet("classification", 3, 1.0), steps_per_execution=3)
+    dataset = make_dataset(inputs, labels, batch_size=4)
+    fast, _ = evaluator(dataset)
+    slow, outputs = evaluator(dataset, collect_outputs=True)
+    assert fast == pytest.approx(slow, rel=1e-6)
+    np.testing.assert_allclose(outputs, model(inputs).numpy(), rtol=1e-5, atol=1e-6)
+    accuracy = float((outputs.argmax(axis=1) == labels).mean())
+    assert fast["accuracy"] == pytest.approx(accuracy)
+
+
+def test_regression_loss_is_on_standardised_scale_and_metrics_in_target_units():
+    spec = TaskSpec("regression", 1, target_offset=100.0, target_scale=10.0)
+    model = tiny_mlp(classes=1)
+    metrics = MetricSet("regression", 0, 1.0)
+    targets = np.array([90.0, 110.0, 100.0, 120.0], np.float32)
+    inputs = np.zeros((4, 6), np.float32)
+    Evaluator(model, spec, metrics)(make_dataset(inputs, targets, batch_size=4))
+    prediction_scaled = float(model(inputs[:1]).numpy()[0, 0])  # all inputs equal
+    predicted = prediction_scaled * 10.0 + 100.0
+    results = metrics.results()
+    assert results["mae"] == pytest.approx(np.abs(predicted - targets).mean(), rel=1e-5)
+    assert results["loss"] == pytest.approx((((targets - 100.0) / 10.0 - prediction_scaled) ** 2).mean(), rel=1e-5)
+    tf.debugging.assert_all_finite(tf.constant(results["r2"]), "r2")

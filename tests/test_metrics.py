@@ -1,0 +1,91 @@
+"""Metric maths against hand-computed references (and scikit-learn where it has the same metric)."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import precision_recall_fscore_support, r2_score
+
+from tapework.metrics import ConfusionMatrix, HuberMetric, MetricSet, RSquared
+from tapework.reports import per_class_report
+
+
+def huber_reference(y_true, y_pred, delta):
+    """Textbook piecewise definition, averaged over elements of each example then over examples."""
+    error = np.abs(np.asarray(y_pred, np.float64) - np.asarray(y_true, np.float64))
+    values = np.where(error <= delta, 0.5 * error**2, delta * error - 0.5 * delta**2)
+    return values.reshape(len(values), -1).mean(axis=1).mean()
+
+
+def test_huber_matches_hand_computed_values():
+    metric = HuberMetric(delta=1.0)
+    # errors 0.5 (quadratic: 0.125), 2.0 (linear: 1.5), 0 (0)
+    metric.update_state(np.array([0.0, 0.0, 3.0]), np.array([0.5, -2.0, 3.0]))
+    assert float(metric.result()) == pytest.approx((0.125 + 1.5 + 0.0) / 3, rel=1e-6)
+
+
+@pytest.mark.parametrize("delta", [0.1, 1.0, 5.0])
+def test_huber_accumulates_across_batches_like_one_batch(delta):
+    rng = np.random.default_rng(0)
+    y_true, y_pred = rng.normal(size=(50, 3)) * 3, rng.normal(size=(50, 3)) * 3
+    metric = HuberMetric(delta)
+    for start in range(0, 50, 16):
+        metric.update_state(y_true[start : start + 16], y_pred[start : start + 16])
+    assert float(metric.result()) == pytest.approx(huber_reference(y_true, y_pred, delta), rel=1e-5)
+    metric.reset_state()
+    assert float(metric.result()) == 0.0
+
+
+def test_huber_sample_weight():
+    metric = HuberMetric(1.0)
+    metric.update_state(np.array([0.0, 0.0]), np.array([0.5, 3.0]), sample_weight=np.array([1.0, 0.0]))
+    assert float(metric.result()) == pytest.approx(0.125)
+
+
+def test_r_squared_matches_scikit_learn_over_batches():
+    rng = np.random.default_rng(1)
+    actual = rng.normal(loc=1e5, scale=3e4, size=1000)  # large offset: the float32 cancellation case
+    predicted = actual + rng.normal(scale=1e4, size=1000)
+    metric = RSquared()
+    for start in range(0, 1000, 128):
+        metric.update_state(actual[start : start + 128], predicted[start : start + 128])
+    assert float(metric.result()) == pytest.approx(r2_score(actual, predicted), abs=1e-5)
+
+
+def test_confusion_matrix_and_per_class_report_match_scikit_learn():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 4, size=300)
+    logits = rng.normal(size=(300, 4))
+    logits[np.arange(300), labels] += 1.0  # better than chance, not perfect
+    metric = ConfusionMatrix(4)
+    metric.update_state(labels[:100], logits[:100])
+    metric.update_state(labels[100:], logits[100:])
+    confusion = np.asarray(metric.result())
+    predicted = logits.argmax(axis=1)
+    expected = np.zeros((4, 4), np.int64)
+    np.add.at(expected, (labels, predicted), 1)
+    np.testing.assert_array_equal(confusion, expected)
+    report = per_class_report(confusion, ["a", "b", "c", "d"])
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, zero_division=0)
+    np.testing.assert_allclose(report["precision"][:4], precision, rtol=1e-12)
+    np.testing.assert_allclose(report["recall"][:4], recall, rtol=1e-12)
+    np.testing.assert_allclose(report["f1"][:4], f1, rtol=1e-12)
+    np.testing.assert_array_equal(report["support"][:4], support)
+    macro = report.set_index("class").loc["macro avg"]
+    assert macro["f1"] == pytest.approx(f1.mean())
+
+
+def test_per_class_report_handles_a_class_never_predicted():
+    confusion = np.array([[5, 0], [3, 0]])
+    report = per_class_report(confusion, ["yes", "no"]).set_index("class")
+    assert report.loc["no", "precision"] == 0.0 and report.loc["no", "f1"] == 0.0
+
+
+def test_metric_set_classification_results():
+    metrics = MetricSet("classification", 3, huber_delta=1.0)
+    labels = np.array([0, 1, 2, 1])
+    logits = np.array([[5.0, 0, 0], [0, 5.0, 0], [5.0, 0, 0], [0, 0, 5.0]])
+    metrics.update(labels, logits, np.array([0.1, 0.2, 0.3, 0.4]))
+    results = metrics.results()
+    assert results["accuracy"] == pytest.approx(0.5)
+    assert results["loss"] == pytest.approx(0.25)
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert results["huber"] == pytest.approx(huber_reference(np.eye(3)[labels], probabilities, 1.0), rel=1e-5)

@@ -1,0 +1,194 @@
+"""params.yaml validation: every key is tried with a bad value; each error names key, value and fix."""
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tapework.params import Params, ParamsError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# key -> bad values (each must be rejected with a message naming the key)
+BAD_VALUES = {
+    "download.dataset": ["imagenet", 3, ""],
+    "download.mirror": [5, ["a"]],
+    "download.retries": [-1, 21, 1.5, "3"],
+    "download.backoff_seconds": [-0.1, 61, "x"],
+    "download.timeout_seconds": [0.0, 601, True],
+    "download.csv": ["file.csv", 3],
+    "download.csv.path": [7],
+    "download.csv.target": ["", 1],
+    "download.csv.task": ["clustering"],
+    "download.csv.sha256": ["abc", "Z" * 64],
+    "preprocess": [[1, 2]],
+    "preprocess.seed": [-1, 2**31, 0.5],
+    "preprocess.val_fraction": [0.0, 1.0, -0.2, 1.5, "half"],
+    "preprocess.test_fraction": [0.0, 1.0],
+    "preprocess.normalization": ["zscore"],
+    "preprocess.max_train_examples": [-5, 1],
+    "train.seed": [-3, None],
+    "train.model": ["resnet", 1],
+    "train.mlp": [[128]],
+    "train.mlp.hidden_units": [[], [0], [128, -1], "128", [1.5]],
+    "train.mlp.dropout": [1.0, -0.1],
+    "train.residual_mlp": [256],
+    "train.cnn": [True],
+    "train.vit": ["small"],
+    "train.residual_mlp.width": [0],
+    "train.residual_mlp.blocks": [-1],
+    "train.residual_mlp.head_units": [[0]],
+    "train.residual_mlp.dropout": [1.2],
+    "train.cnn.filters": [[], [0]],
+    "train.cnn.kernel_size": [0],
+    "train.cnn.dense_units": [0],
+    "train.cnn.dropout": [1.0],
+    "train.vit.patch_size": [0],
+    "train.vit.embed_dim": [0],
+    "train.vit.num_heads": [0],
+    "train.vit.num_blocks": [0],
+    "train.vit.mlp_dim": [0],
+    "train.vit.dropout": [-1.0],
+    "train.epochs": [0, -1, 2.5, 100_001],
+    "train.batch_size": [0, -64, "64x"],
+    "train.drop_remainder": ["yes", 1],
+    "train.optimizer": ["rmsprop", "adamm"],
+    "train.learning_rate": [0.0, -0.001, float("nan"), float("inf"), 11.0],
+    "train.momentum": [1.0, -0.5],
+    "train.weight_decay": [-0.1, 2.0],
+    "train.l2": [-1e-4],
+    "train.schedule": ["linear"],
+    "train.warmup_epochs": [-1],
+    "train.decay_rate": [0.0, 1.5],
+    "train.decay_epochs": [0],
+    "train.min_learning_rate": [-1.0],
+    "train.clip_norm": [-1.0],
+    "train.label_smoothing": [1.0, -0.1],
+    "train.huber_delta": [0.0, -1.0],
+    "train.early_stopping": ["on"],
+    "train.early_stopping.monitor": ["val_f1", "loss"],
+    "train.early_stopping.patience": [-1],
+    "train.early_stopping.min_delta": [-0.01],
+    "train.early_stopping.restore_best": ["true"],
+    "train.steps_per_execution": [0, 10_001],
+    "train.jit_compile": [0],
+    "train.mixed_precision": ["no"],
+    "train.on_nonfinite": ["ignore"],
+    "train.distribute": ["tpu"],
+    "train.checkpoint_every": [0],
+    "train.tensorboard": ["off"],
+    "train.histogram_every": [-1],
+    "evaluate.batch_size": [0],
+    "download": ["digits"],
+    "train": [None and 0 or 5],
+    "evaluate": [[]],
+}
+
+# Cross-key rules: (changes, key named in the error)
+BAD_COMBINATIONS = [
+    ({"download.dataset": "california_housing", "train.model": "cnn"}, "train.model"),
+    ({"download.dataset": "diabetes", "train.model": "residual_mlp"}, "train.model"),
+    ({"download.dataset": "diabetes", "train.model": "vit"}, "train.model"),
+    ({"download.dataset": "csv", "download.csv.path": ""}, "download.csv.path"),
+    ({"download.dataset": "csv", "download.csv.path": "x.csv", "download.csv.task": "regression", "train.model": "cnn"}, "train.model"),
+    ({"download.dataset": "diabetes", "train.early_stopping.monitor": "val_accuracy"}, "train.early_stopping.monitor"),
+    ({"download.dataset": "digits", "train.early_stopping.monitor": "val_r2"}, "train.early_stopping.monitor"),
+    ({"download.dataset": "diabetes", "train.label_smoothing": 0.1}, "train.label_smoothing"),
+    ({"train.optimizer": "adam", "train.weight_decay": 0.01}, "train.weight_decay"),
+    ({"train.epochs": 3, "train.warmup_epochs": 3}, "train.warmup_epochs"),
+    ({"train.learning_rate": 0.001, "train.min_learning_rate": 0.01}, "train.min_learning_rate"),
+    ({"train.model": "vit", "train.vit.embed_dim": 64, "train.vit.num_heads": 5}, "train.vit.num_heads"),
+    ({"train.model": "vit", "train.vit.patch_size": 3}, "train.vit.patch_size"),
+    ({"download.dataset": "digits", "train.model": "cnn", "train.cnn.filters": [8, 8, 8, 8, 8]}, None),
+]
+
+
+def nested(changes):
+    raw = {}
+    for dotted, value in changes.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return raw
+
+
+def all_keys(cls=Params, prefix=""):
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        key = f"{prefix}{field.name}"
+        yield key
+        if dataclasses.is_dataclass(hints[field.name]):
+            yield from all_keys(hints[field.name], key + ".")
+
+
+def test_table_covers_every_key():
+    missing = sorted(set(all_keys()) - set(BAD_VALUES))
+    assert not missing, f"add bad values for: {missing}"
+
+
+CASES = [(key, value) for key, values in BAD_VALUES.items() for value in values]
+
+
+@pytest.mark.parametrize(("key", "value"), CASES, ids=[f"{k}={v!r}" for k, v in CASES])
+def test_bad_value_is_rejected_naming_key_and_value(key, value):
+    with pytest.raises(ParamsError) as error:
+        parse_params(nested({key: value}))
+    message = str(error.value)
+    assert f"{key}" in message
+    assert "\n" not in message
+    assert "params.yaml" in message
+
+
+@pytest.mark.parametrize(("changes", "key"), BAD_COMBINATIONS)
+def test_cross_key_rules(changes, key):
+    if key is None:  # a valid combination: deep CNNs on 8x8 inputs stop pooling at 1x1
+        parse_params(nested(changes))
+        return
+    with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+        parse_params(nested(changes))
+
+
+def test_unknown_key_suggests_the_closest_name():
+    with pytest.raises(ParamsError, match=r"unknown key `train\.learning_rat`\. Did you mean `train\.learning_rate`\?"):
+        parse_params({"train": {"learning_rat": 0.1}})
+    with pytest.raises(ParamsError, match=r"Did you mean `preprocess`\?"):
+        parse_params({"preproces": {}})
+
+
+def test_committed_params_file_is_valid_and_complete():
+    params = load_params(ROOT / "params.yaml")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert params.to_dict() == parse_params(raw).to_dict()
+    # params.yaml spells out every key so `dvc params diff` shows every change.
+    spelled = {key for key in all_keys() if _lookup(raw, key) is not _MISSING}
+    assert spelled == set(all_keys())
+
+
+_MISSING = object()
+
+
+def _lookup(raw, dotted):
+    node = raw
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return _MISSING
+        node = node[key]
+    return node
+
+
+def test_integral_floats_are_accepted_for_integers_and_ints_for_floats():
+    params = parse_params({"train": {"epochs": 3.0, "learning_rate": 1}})
+    assert params.train.epochs == 3 and isinstance(params.train.epochs, int)
+    assert params.train.learning_rate == 1.0 and isinstance(params.train.learning_rate, float)
+
+
+def test_yaml_syntax_error_and_missing_file(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")

@@ -28,6 +28,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(handle)
     temp_path = Path(temp_name)
+    # mkstemp creates 0600 files; outputs should get the usual mode the umask allows.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp_path, 0o666 & ~umask)
     try:
         yield temp_path
         with open(temp_path, "rb+") as stream:

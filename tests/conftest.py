@@ -57,11 +57,21 @@ def update_params(path: Path, changes: dict[str, object]) -> None:
 
 
 TINY_PARAMS = {
-    "preprocess.max_train_examples": 300,
-    "train.epochs": 2,
+    "preprocess.max_train_examples": 400,
+    "train.epochs": 3,
+    "train.batch_size": 16,
     "train.mlp.hidden_units": [32],
     "train.histogram_every": 1,
 }
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every test (and every stage it runs) gets its own download cache and no mirror from outside."""
+    monkeypatch.setenv("TAPEWORK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TAPEWORK_MIRROR", raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # never send loopback requests to a proxy
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
 
 
 @pytest.fixture

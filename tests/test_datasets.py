@@ -1,0 +1,332 @@
+"""The registry, fetch_dataset and load_raw: real MNIST / Fashion-MNIST / California housing through the
+mirror setting, generated CIFAR-10 / IDX data for the fault paths, csv, and the download stage script."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from http_server import FaultServer
+
+from tapework import datasets
+from tapework.datasets import DATASETS, RemoteFile, fetch_dataset, load_raw
+from tapework.errors import DataError, DownloadError
+from tapework.params import DATASET_TASKS, IMAGE_SHAPES, CsvParams, DownloadParams, ParamsError
+
+pytestmark = pytest.mark.timeout(60)
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+def shared(folder: str) -> Path:
+    path = SHARED_DATA / folder
+    if not path.is_dir():
+        pytest.fail(f"{path} is missing: the shared reference data must sit beside the repository (../shared/data).")
+    return path
+
+
+def params(dataset: str, **overrides: object) -> DownloadParams:
+    fast = {"retries": 2, "backoff_seconds": 0.01, "timeout_seconds": 5.0}
+    return DownloadParams(dataset=dataset, **{**fast, **overrides})
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def tiny_mnist(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
+    """Replace the mnist spec with tiny generated IDX files (4x4 images) pinned to their own hashes."""
+    rng = np.random.default_rng(0)
+
+    def idx(array: np.ndarray) -> bytes:
+        header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+        return gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0)
+
+    files = {
+        "train-images-idx3-ubyte.gz": idx(rng.integers(0, 256, (6, 4, 4))),
+        "train-labels-idx1-ubyte.gz": idx(np.array([0, 1, 2, 3, 4, 9])),
+        "t10k-images-idx3-ubyte.gz": idx(rng.integers(0, 256, (3, 4, 4))),
+        "t10k-labels-idx1-ubyte.gz": idx(np.array([5, 6, 7])),
+    }
+    remote = tuple(RemoteFile(name, f"https://example.invalid/mnist/{name}", sha(data)) for name, data in files.items())
+    monkeypatch.setitem(DATASETS, "mnist", dataclasses.replace(DATASETS["mnist"], files=remote, image_shape=(4, 4, 1)))
+    return files
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+
+def test_registry_matches_params() -> None:
+    assert list(DATASETS) == list(DATASET_TASKS)
+    for name, spec in DATASETS.items():
+        assert spec.task == DATASET_TASKS[name], name
+        assert spec.image_shape == IMAGE_SHAPES.get(name), name
+        assert len(spec.class_names) == (10 if spec.task == "classification" else 0), name
+        for remote in spec.files:
+            assert len(remote.sha256) == 64 and int(remote.sha256, 16) >= 0, remote
+            assert remote.url is None or remote.url.startswith("https://") and remote.url.endswith("/" + remote.name)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "folder"), [("mnist", "mnist"), ("fashion_mnist", "fashion-mnist"), ("california_housing", "california-housing")]
+)
+def test_pins_match_the_shared_reference_sums(dataset: str, folder: str) -> None:
+    sums = dict(reversed(line.split()) for line in (shared(folder) / "SHA256SUMS").read_text().splitlines() if line)
+    for remote in DATASETS[dataset].files:
+        assert sums[remote.name] == remote.sha256, remote.name
+
+
+# --- bundled (offline) data sets --------------------------------------------------------------
+
+
+def test_digits_is_offline_uint8_images_and_byte_identical_across_runs(tmp_path: Path) -> None:
+    first = fetch_dataset(params("digits"), tmp_path / "a" / "raw")
+    second = fetch_dataset(params("digits"), tmp_path / "b" / "raw")
+    assert first == second and tree(tmp_path / "a" / "raw") == tree(tmp_path / "b" / "raw")
+    assert sorted(tree(tmp_path / "a" / "raw")) == ["digits.npz", "manifest.json"]
+    raw = load_raw("digits", tmp_path / "a" / "raw", CsvParams())
+    assert raw.x_train.shape == (1797, 8, 8, 1) and raw.x_train.dtype == np.uint8 and raw.x_train.max() == 16
+    assert raw.y_train.dtype == np.int64 and set(raw.y_train) == set(range(10))
+    assert raw.x_test is None and raw.y_test is None
+    assert (raw.task, raw.image_shape, raw.class_names[3]) == ("classification", (8, 8, 1), "3")
+
+
+def test_diabetes_is_offline_float_regression(tmp_path: Path) -> None:
+    fetch_dataset(params("diabetes"), tmp_path / "raw")
+    raw = load_raw("diabetes", tmp_path / "raw", CsvParams())
+    assert raw.x_train.shape == (442, 10) and raw.x_train.dtype == np.float64
+    assert raw.y_train.dtype == np.float64 and raw.task == "regression" and raw.class_names == ()
+    assert raw.feature_names[:4] == ("age", "sex", "bmi", "bp") and raw.image_shape is None
+
+
+# --- real data through the mirror setting ------------------------------------------------------
+
+
+def test_real_mnist_through_an_http_mirror_then_from_cache(tmp_path: Path) -> None:
+    with FaultServer() as server:
+        server.add_folder("/mirror/mnist", shared("mnist"))
+        mirror = server.url + "/mirror/mnist/"
+        manifest = fetch_dataset(params("mnist", mirror=mirror), tmp_path / "one" / "raw")
+        assert server.requests() == 4
+        fetch_dataset(params("mnist", mirror=mirror), tmp_path / "two" / "raw")
+        assert server.requests() == 4  # every file came from the verified cache: no request at all
+    assert tree(tmp_path / "one" / "raw") == tree(tmp_path / "two" / "raw")
+    assert manifest["files"]["train-images-idx3-ubyte.gz"] == DATASETS["mnist"].files[0].sha256
+    assert manifest["sources"]["train-images-idx3-ubyte.gz"]["url"].startswith("https://storage.googleapis.com/")
+    raw = load_raw("mnist", tmp_path / "one" / "raw", CsvParams())
+    assert raw.x_train.shape == (60000, 28, 28, 1) and raw.x_test.shape == (10000, 28, 28, 1)
+    assert raw.x_train.dtype == np.uint8 and raw.y_train.dtype == np.int64
+    assert np.bincount(raw.y_train).tolist() == MNIST_TRAIN_COUNTS
+    assert len(raw.y_test) == 10000 and raw.image_shape == (28, 28, 1)
+
+
+def test_real_fashion_mnist_through_an_http_mirror(tmp_path: Path) -> None:
+    with FaultServer() as server:
+        server.add_folder("/fashion", shared("fashion-mnist"))
+        fetch_dataset(params("fashion_mnist", mirror=server.url + "/fashion"), tmp_path / "raw")
+    raw = load_raw("fashion_mnist", tmp_path / "raw", CsvParams())
+    assert raw.x_train.shape == (60000, 28, 28, 1) and raw.x_test.shape == (10000, 28, 28, 1)
+    assert np.bincount(raw.y_train).tolist() == [6000] * 10
+    assert np.bincount(raw.y_test).tolist() == [1000] * 10
+    assert raw.class_names[0] == "T-shirt/top" and raw.class_names[9] == "Ankle boot"
+
+
+@pytest.mark.parametrize("style", ["file_url", "folder"])
+def test_real_california_housing_through_a_local_mirror(tmp_path: Path, style: str) -> None:
+    folder = shared("california-housing")
+    mirror = folder.as_uri() if style == "file_url" else str(folder)
+    fetch_dataset(params("california_housing", mirror=mirror), tmp_path / "raw")
+    raw = load_raw("california_housing", tmp_path / "raw", CsvParams())
+    assert raw.x_train.shape == (20640, 8) and raw.y_train.shape == (20640,) and raw.x_test is None
+    assert raw.task == "regression" and raw.feature_names[0] == "longitude" and raw.image_shape is None
+
+
+def test_california_housing_without_a_mirror_says_how_to_get_it(tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="cal_housing.data has no canonical download URL.*download.mirror"):
+        fetch_dataset(params("california_housing"), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+# --- mirror precedence, atomicity, verification ------------------------------------------------
+
+
+def test_env_mirror_overrides_the_params_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_mnist) -> None:
+    with FaultServer({f"/env/{name}": data for name, data in tiny_mnist.items()}) as server:
+        monkeypatch.setenv("TAPEWORK_MIRROR", server.url + "/env")
+        fetch_dataset(params("mnist", mirror=str(tmp_path / "no-such-folder")), tmp_path / "raw")
+        assert server.requests() == 4
+    raw = load_raw("mnist", tmp_path / "raw", CsvParams())
+    assert raw.x_train.shape == (6, 4, 4, 1) and raw.y_test.tolist() == [5, 6, 7]
+
+
+def test_failed_fetch_leaves_previous_raw_dir_untouched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_mnist) -> None:
+    raw_dir = tmp_path / "data" / "raw"
+    with FaultServer({f"/m/{name}": data for name, data in tiny_mnist.items()}) as server:
+        fetch_dataset(params("mnist", mirror=server.url + "/m"), raw_dir)
+        before = tree(raw_dir)
+        monkeypatch.setenv("TAPEWORK_CACHE", str(tmp_path / "fresh-cache"))  # force real requests again
+        server.program("/m/t10k-images-idx3-ubyte.gz", "corrupt")
+        with pytest.raises(DownloadError, match="SHA-256 mismatch"):
+            fetch_dataset(params("mnist", mirror=server.url + "/m"), raw_dir)
+        assert tree(raw_dir) == before
+        assert sorted(p.name for p in raw_dir.parent.iterdir()) == ["raw"]  # no staging folder left behind
+        with pytest.raises(DownloadError, match="HTTP 404"):
+            fetch_dataset(params("mnist", mirror=server.url + "/elsewhere"), tmp_path / "new" / "raw")
+    assert not (tmp_path / "new" / "raw").exists()
+    load_raw("mnist", raw_dir, CsvParams())
+
+
+def test_load_raw_verifies_the_manifest(tmp_path: Path) -> None:
+    raw_dir = tmp_path / "raw"
+    with pytest.raises(DataError, match="manifest.json: not found.*download stage"):
+        load_raw("digits", raw_dir, CsvParams())
+    fetch_dataset(params("digits"), raw_dir)
+    with pytest.raises(DataError, match="holds data set 'digits' but download.dataset is 'diabetes'"):
+        load_raw("diabetes", raw_dir, CsvParams())
+    npz = raw_dir / "digits.npz"
+    data = bytearray(npz.read_bytes())
+    data[-100] ^= 0xFF
+    npz.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="digits.npz: SHA-256 .* differs from the manifest"):
+        load_raw("digits", raw_dir, CsvParams())
+
+
+# --- CIFAR-10 (generated archive in the real binary layout) -------------------------------------
+
+
+def cifar_archive(path: Path, per_batch: int = 2, extra: tuple[str, bytes] | None = None) -> tuple[Path, dict]:
+    """A small cifar-10-binary.tar.gz with the real member layout; returns it and the HWC images per batch."""
+    rng = np.random.default_rng(1)
+    members: dict[str, bytes] = {"cifar-10-batches-bin/batches.meta.txt": "\n".join(datasets.CIFAR10_CLASSES).encode()}
+    images = {}
+    for index, name in enumerate([*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]):
+        batch = rng.integers(0, 256, (per_batch, 32, 32, 3), dtype=np.uint8)
+        labels = [(index + k) % 10 for k in range(per_batch)]
+        images[name] = (batch, labels)
+        members[f"cifar-10-batches-bin/{name}.bin"] = b"".join(
+            bytes([label]) + image.transpose(2, 0, 1).tobytes() for label, image in zip(labels, batch)
+        )
+    if extra:
+        members[extra[0]] = extra[1]
+    with tarfile.open(path, "w:gz") as tar:
+        folder = tarfile.TarInfo("cifar-10-batches-bin")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path, images
+
+
+def pin_cifar(monkeypatch: pytest.MonkeyPatch, archive: Path) -> None:
+    (remote,) = DATASETS["cifar10"].files
+    pinned = dataclasses.replace(remote, sha256=sha(archive.read_bytes()))
+    monkeypatch.setitem(DATASETS, "cifar10", dataclasses.replace(DATASETS["cifar10"], files=(pinned,)))
+
+
+def test_cifar10_binary_archive_is_extracted_and_parsed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive, images = cifar_archive(tmp_path / "cifar-10-binary.tar.gz")
+    pin_cifar(monkeypatch, archive)
+    with FaultServer({"/kriz/cifar-10-binary.tar.gz": archive.read_bytes()}) as server:
+        server.program("/kriz/cifar-10-binary.tar.gz", "truncate")
+        manifest = fetch_dataset(params("cifar10", mirror=server.url + "/kriz"), tmp_path / "raw")
+        assert server.requests() == 2
+    assert "cifar-10-batches-bin/data_batch_5.bin" in manifest["files"]
+    assert "cifar-10-binary.tar.gz" not in manifest["files"] and "cifar-10-binary.tar.gz" in manifest["sources"]
+    raw = load_raw("cifar10", tmp_path / "raw", CsvParams())
+    assert raw.x_train.shape == (10, 32, 32, 3) and raw.x_test.shape == (2, 32, 32, 3)
+    assert raw.x_train.dtype == np.uint8 and raw.y_train.dtype == np.int64
+    np.testing.assert_array_equal(raw.x_train[:2], images["data_batch_1"][0])
+    np.testing.assert_array_equal(raw.x_test, images["test_batch"][0])
+    assert raw.y_train.tolist()[:4] == [0, 1, 1, 2] and raw.class_names[0] == "airplane"
+
+
+def test_cifar10_archive_escaping_its_folder_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive, _ = cifar_archive(tmp_path / "cifar-10-binary.tar.gz", extra=("../../escaped.txt", b"pwned"))
+    pin_cifar(monkeypatch, archive)
+    with pytest.raises(DataError, match="refusing to extract member '../../escaped.txt'"):
+        fetch_dataset(params("cifar10", mirror=str(tmp_path)), tmp_path / "data" / "raw")
+    assert not (tmp_path / "data" / "raw").exists() and not (tmp_path.parent / "escaped.txt").exists()
+
+
+# --- csv ----------------------------------------------------------------------------------------
+
+
+def csv_params(path: str, **csv: str) -> DownloadParams:
+    return params("csv", csv=CsvParams(path=path, **csv))
+
+
+def test_csv_local_classification_with_text_labels(tmp_path: Path) -> None:
+    table = tmp_path / "iris.csv"
+    table.write_text("a,b,species\n1,2,setosa\n3,4,virginica\n5,6,setosa\n")
+    manifest = fetch_dataset(csv_params(str(table), target="species"), tmp_path / "raw")
+    assert manifest["files"]["data.csv"] == sha(table.read_bytes())
+    raw = load_raw("csv", tmp_path / "raw", CsvParams(path=str(table), target="species"))
+    assert raw.x_train.dtype == np.float64 and raw.x_train.shape == (3, 2) and raw.feature_names == ("a", "b")
+    assert raw.y_train.tolist() == [0, 1, 0] and raw.y_train.dtype == np.int64
+    assert raw.class_names == ("setosa", "virginica") and raw.task == "classification"
+
+
+def test_csv_over_http_needs_and_checks_a_pin(tmp_path: Path) -> None:
+    body = b"x1,x2,price\n1,2,3.5\n4,5,6.25\n"
+    with FaultServer({"/t.csv": body}) as server:
+        url = server.url + "/t.csv"
+        with pytest.raises(ParamsError, match="download.csv.sha256"):
+            fetch_dataset(csv_params(url, target="price", task="regression"), tmp_path / "raw")
+        with pytest.raises(DownloadError, match="SHA-256 mismatch"):
+            fetch_dataset(csv_params(url, target="price", sha256="0" * 64), tmp_path / "raw")
+        good = csv_params(url, target="price", task="regression", sha256=sha(body))
+        fetch_dataset(good, tmp_path / "raw")
+        requests = server.requests()
+        fetch_dataset(good, tmp_path / "raw")
+        assert server.requests() == requests  # cached
+    raw = load_raw("csv", tmp_path / "raw", good.csv)
+    assert raw.task == "regression" and raw.y_train.tolist() == [3.5, 6.25] and raw.y_train.dtype == np.float64
+
+
+def test_csv_classification_rejects_fractional_targets(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text("a,y\n1,0.5\n2,1.0\n")
+    fetch_dataset(csv_params(table.as_uri(), target="y"), tmp_path / "raw")
+    with pytest.raises(DataError, match="non-integer values; set download.csv.task: regression"):
+        load_raw("csv", tmp_path / "raw", CsvParams(path=str(table), target="y"))
+
+
+# --- the stage script ---------------------------------------------------------------------------
+
+
+def run_stage(workdir: Path, params_yaml: str) -> subprocess.CompletedProcess[str]:
+    (workdir / "params.yaml").write_text(params_yaml)
+    env = {**os.environ, "TAPEWORK_CACHE": str(workdir / "cache")}
+    script = REPO / "stages" / "download.py"
+    return subprocess.run([sys.executable, str(script)], cwd=workdir, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_download_stage_fetches_digits(tmp_path: Path) -> None:
+    result = run_stage(tmp_path, "download:\n  dataset: digits\n")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "data" / "raw").iterdir()) == ["digits.npz", "manifest.json"]
+    assert "digits" in result.stderr
+
+
+def test_download_stage_rejects_bad_params_before_any_work(tmp_path: Path) -> None:
+    result = run_stage(tmp_path, "download:\n  dataset: mnits\n")
+    assert result.returncode == 2
+    assert "download.dataset" in result.stderr and "mnist" in result.stderr
+    assert not (tmp_path / "data").exists()

@@ -1,0 +1,208 @@
+"""The pure parsers accept the real formats and reject garbage with a DataError naming file, problem and fix."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tapework.errors import DataError
+from tapework.parsers import (
+    CALIFORNIA_COLUMNS,
+    check_counts,
+    parse_california_housing,
+    parse_cifar10_binary,
+    parse_csv,
+    parse_idx,
+)
+
+pytestmark = pytest.mark.timeout(30)
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array in the IDX format (magic 0x0000 08 <ndim>, big-endian dims, payload)."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def cifar_records(labels: list[int], seed: int = 0) -> tuple[bytes, np.ndarray]:
+    """CIFAR-10 binary records for `labels` and the HWC images they encode."""
+    images = np.random.default_rng(seed).integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8)
+    records = [bytes([label]) + image.transpose(2, 0, 1).tobytes() for label, image in zip(labels, images)]
+    return b"".join(records), images
+
+
+# --- IDX --------------------------------------------------------------------------------------
+
+
+def test_parse_idx_reads_raw_and_gzip_images_and_labels(tmp_path: Path) -> None:
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    labels = np.array([7, 1], dtype=np.uint8)
+    np.testing.assert_array_equal(parse_idx(idx_bytes(images)), images)
+    np.testing.assert_array_equal(parse_idx(gzip.compress(idx_bytes(labels))), labels)
+    path = tmp_path / "labels.gz"
+    path.write_bytes(gzip.compress(idx_bytes(labels)))
+    parsed = parse_idx(path)
+    assert parsed.dtype == np.uint8 and parsed.flags.writeable
+    np.testing.assert_array_equal(parsed, labels)
+
+
+def test_parse_idx_rejects_wrong_magic_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(b"\x00\x00\x08\x02" + b"\x00" * 20))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz: bad IDX magic number 0x00000802"):
+        parse_idx(path)
+    with pytest.raises(DataError, match="bad IDX magic"):
+        parse_idx(b"<html>404 Not Found</html>")
+
+
+def test_parse_idx_rejects_truncated_payload_and_header(tmp_path: Path) -> None:
+    data = idx_bytes(np.zeros((5, 4, 4), np.uint8))
+    path = tmp_path / "images.idx"
+    path.write_bytes(data[:-10])
+    with pytest.raises(DataError, match=r"images\.idx: truncated: dimensions \(5, 4, 4\) need 80 bytes but 70 follow"):
+        parse_idx(path)
+    with pytest.raises(DataError, match="truncated IDX header"):
+        parse_idx(data[:10])
+    with pytest.raises(DataError, match="too short"):
+        parse_idx(b"\x00\x00")
+
+
+def test_parse_idx_rejects_trailing_bytes_and_empty_dims() -> None:
+    with pytest.raises(DataError, match="3 unexpected trailing bytes"):
+        parse_idx(idx_bytes(np.zeros(4, np.uint8)) + b"abc")
+    with pytest.raises(DataError, match="hold no data"):
+        parse_idx(struct.pack(">HBBI", 0, 8, 1, 0))
+
+
+def test_parse_idx_rejects_a_corrupt_gzip_stream() -> None:
+    good = gzip.compress(idx_bytes(np.zeros(100, np.uint8)))
+    with pytest.raises(DataError, match="corrupt gzip stream"):
+        parse_idx(good[: len(good) // 2])
+
+
+def test_check_counts() -> None:
+    check_counts(np.zeros((3, 2, 2)), np.zeros(3))
+    with pytest.raises(DataError, match="3 images but 2 labels"):
+        check_counts(np.zeros((3, 2, 2)), np.zeros(2), name="mnist train")
+
+
+# --- CIFAR-10 binary --------------------------------------------------------------------------
+
+
+def test_parse_cifar10_binary_turns_chw_records_into_hwc_images() -> None:
+    data, expected = cifar_records([3, 0, 9])
+    images, labels = parse_cifar10_binary(data)
+    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8 and images.flags.c_contiguous
+    np.testing.assert_array_equal(images, expected)
+    np.testing.assert_array_equal(labels, [3, 0, 9])
+    assert labels.dtype == np.int64
+    # The first 1024 pixel bytes of a record are the red plane, row by row.
+    assert images[0, 0, 1, 0] == data[1 + 1] and images[0, 0, 0, 1] == data[1 + 1024]
+
+
+def test_parse_cifar10_binary_rejects_partial_records_and_bad_labels(tmp_path: Path) -> None:
+    data, _ = cifar_records([1, 2])
+    path = tmp_path / "data_batch_1.bin"
+    path.write_bytes(data[:-1])
+    with pytest.raises(DataError, match=r"data_batch_1\.bin: 6145 bytes is not a whole.*3073-byte"):
+        parse_cifar10_binary(path)
+    with pytest.raises(DataError, match="not a whole, non-zero number"):
+        parse_cifar10_binary(b"")
+    bad, _ = cifar_records([4, 10])
+    with pytest.raises(DataError, match="record 1 has label 10, expected 0..9"):
+        parse_cifar10_binary(bad)
+
+
+# --- CSV --------------------------------------------------------------------------------------
+
+
+def test_parse_csv_returns_float_features_target_and_names(tmp_path: Path) -> None:
+    path = tmp_path / "table.csv"
+    path.write_text("a,b,label\n1,2.5,cat\n3,4,dog\n")
+    x, y, names = parse_csv(path, "label")
+    assert x.dtype == np.float64 and x.shape == (2, 2) and names == ("a", "b")
+    assert list(y) == ["cat", "dog"] and y.dtype.kind == "U"
+    x, y, names = parse_csv(io.StringIO("f,t\n1,0.5\n2,1.5\n"), "t")
+    assert y.dtype == np.float64 and names == ("f",)
+
+
+def test_parse_csv_missing_target_lists_the_columns(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("x1,x2,y\n1,2,3\n")
+    with pytest.raises(DataError, match=r"t\.csv: no target column 'price'; columns are: x1, x2, y\. Set download\.csv\.target"):
+        parse_csv(path, "price")
+
+
+def test_parse_csv_names_non_numeric_feature_columns(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("city,size,colour,y\nParis,1,red,0\nRome,2,blue,1\n")
+    with pytest.raises(DataError, match="non-numeric column.*: city, colour"):
+        parse_csv(path, "y")
+
+
+@pytest.mark.parametrize("bad_value", ["", "nan", "inf"])
+def test_parse_csv_names_the_column_with_missing_values(tmp_path: Path, bad_value: str) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text(f"a,b,y\n1,2,0\n3,{bad_value},1\n")
+    with pytest.raises(DataError, match=r"column 'b' has 1 missing or non-finite value\(s\) \(first at data row 2\)"):
+        parse_csv(path, "y")
+
+
+def test_parse_csv_rejects_empty_and_header_only_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"empty\.csv: empty file"):
+        parse_csv(empty, "y")
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("a,y\n")
+    with pytest.raises(DataError, match="no data rows"):
+        parse_csv(header_only, "y")
+
+
+def test_parse_csv_rejects_a_target_only_file(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("y\n1\n2\n")
+    with pytest.raises(DataError, match="add feature columns"):
+        parse_csv(path, "y")
+
+
+# --- California housing -----------------------------------------------------------------------
+
+
+def test_parse_california_housing_small_file(tmp_path: Path) -> None:
+    path = tmp_path / "cal_housing.data"
+    path.write_text(
+        "-122.230000,37.880000,41.000000,880.000000,129.000000,322.000000,126.000000,8.325200,452600.000000\n"
+        "-122.220000,37.860000,21.000000,7099.000000,1106.000000,2401.000000,1138.000000,8.301400,358500.000000\n"
+    )
+    x, y, names = parse_california_housing(path)
+    assert x.shape == (2, 8) and x.dtype == np.float64 and names == CALIFORNIA_COLUMNS[:-1]
+    np.testing.assert_array_equal(y, [452600.0, 358500.0])
+
+
+def test_parse_california_housing_rejects_wrong_columns_and_text(tmp_path: Path) -> None:
+    path = tmp_path / "cal_housing.data"
+    path.write_text("1,2,3\n4,5,6\n")
+    with pytest.raises(DataError, match=r"cal_housing\.data: 3 columns, expected 9"):
+        parse_california_housing(path)
+    path.write_text("1,2,3,4,5,6,7,8,9\n1,2,3,4,5,6,7,8,9,10\n")
+    with pytest.raises(DataError, match="not a well-formed CSV"):
+        parse_california_housing(path)
+    path.write_text("1,2,3,4,5,6,7,8,9\n1,2,3,4,x,6,7,8,9\n")
+    with pytest.raises(DataError, match="non-numeric column.*total_bedrooms"):
+        parse_california_housing(path)
+
+
+def test_parse_california_housing_real_file() -> None:
+    path = SHARED_DATA / "california-housing" / "cal_housing.data"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: the shared reference data must sit beside the repository (../shared/data).")
+    x, y, names = parse_california_housing(path)
+    assert x.shape == (20640, 8) and y.shape == (20640,)
+    assert names[-1] == "median_income" and y.min() > 0

@@ -1,0 +1,124 @@
+"""End to end: the real stages under `dvc repro` in a throwaway copy of the repo, on tiny data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run, tool_env, update_params
+
+STAGES = ("download", "preprocess", "train", "evaluate")
+OUTPUTS = ("metrics/train.json", "metrics/evaluate.json", "metrics/train_history.tsv", "metrics/report.tsv", "models/model.weights.npz", "models/model.json", "plots/confusion.csv", "plots/predictions.csv", "plots/summary.png")
+
+
+def snapshot(repo: Path) -> dict[str, bytes]:
+    return {name: (repo / name).read_bytes() for name in OUTPUTS}
+
+
+def commit(repo: Path, message: str) -> None:
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", message], repo)
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end_skip_diff_and_bitwise_rerun(repo_copy):
+    first = run(["dvc", "repro"], repo_copy)
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in first.stdout
+    train_metrics = json.loads((repo_copy / "metrics/train.json").read_text())
+    test_metrics = json.loads((repo_copy / "metrics/evaluate.json").read_text())
+    assert set(train_metrics) >= {"train", "val"} and {"loss", "accuracy", "huber"} <= set(train_metrics["val"])
+    assert {"loss", "accuracy", "huber", "macro_f1"} <= set(test_metrics["test"])
+    assert test_metrics["test"]["accuracy"] > 0.5  # 3 epochs on 400 digits: well above 10% chance
+    history = (repo_copy / "metrics/train_history.tsv").read_text().splitlines()
+    assert history[0].split("\t")[0] == "epoch" and len(history) == 1 + 3
+    report = (repo_copy / "metrics/report.tsv").read_text()
+    assert report.startswith("class\tprecision\trecall\tf1\tsupport") and "macro avg" in report
+    assert (repo_copy / "plots/summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = snapshot(repo_copy)
+    commit(repo_copy, "first run")
+
+    # Nothing changed: every stage is skipped.
+    again = run(["dvc", "repro"], repo_copy)
+    assert "Running stage" not in again.stdout
+    for stage in STAGES:
+        assert f"'{stage}' didn't change, skipping" in again.stdout
+
+    # Forced rerun of everything with the same params: bitwise-identical outputs.
+    run(["dvc", "repro", "--force"], repo_copy)
+    after = snapshot(repo_copy)
+    for name in OUTPUTS:
+        assert before[name] == after[name], f"{name} differs between two runs with the same params"
+
+    # One param changed: only train and evaluate rerun, and the diff tools show it.
+    update_params(repo_copy / "params.yaml", {"train.learning_rate": 0.003})
+    changed = run(["dvc", "repro"], repo_copy)
+    assert "Running stage 'train'" in changed.stdout and "Running stage 'evaluate'" in changed.stdout
+    assert "Running stage 'download'" not in changed.stdout and "Running stage 'preprocess'" not in changed.stdout
+    metrics_diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo_copy).stdout)
+    assert metrics_diff["metrics/evaluate.json"]["test.loss"]["diff"] != 0
+    params_diff = json.loads(run(["dvc", "params", "diff", "--json"], repo_copy).stdout)
+    change = params_diff["params.yaml"]["train.learning_rate"]
+    assert (change["old"], change["new"]) == (0.001, 0.003)
+    plots = run(["dvc", "plots", "diff", "HEAD", "--json"], repo_copy)
+    rendered = json.loads(plots.stdout)["data"]
+    assert {"loss", "huber", "confusion", "plots/summary.png"} <= set(rendered)
+    assert all(len(rendered[name]) >= 1 for name in ("loss", "huber", "confusion"))
+
+
+@pytest.mark.slow
+def test_bad_params_fail_before_any_work_and_touch_nothing(repo_copy):
+    update_params(repo_copy / "params.yaml", {"train.batch_size": 0})
+    for stage in STAGES:
+        result = run([sys.executable, f"stages/{stage}.py"], repo_copy, check=False)
+        assert result.returncode == 2, (stage, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert lines == ["error: params.yaml: train.batch_size = 0 is invalid: must be >= 1. Fix `train.batch_size` in params.yaml."]
+    assert not (repo_copy / "data").exists() and not (repo_copy / "models").exists() and not (repo_copy / "metrics").exists()
+    assert run(["dvc", "repro"], repo_copy, check=False).returncode != 0
+
+
+def _start_train(repo: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "stages/train.py"], cwd=repo, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"train ended before {path} appeared: {process.communicate()}"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_train_resumes_to_bitwise_identical_result(repo_copy, kill):
+    update_params(repo_copy / "params.yaml", {"train.epochs": 30, "train.mlp.dropout": 0.3, "train.schedule": "cosine"})
+    run(["dvc", "repro", "preprocess"], repo_copy)
+    run([sys.executable, "stages/train.py"], repo_copy)
+    reference = {name: (repo_copy / name).read_bytes() for name in ("models/model.weights.npz", "metrics/train.json", "metrics/train_history.tsv")}
+    for name in ("checkpoints", "models", "metrics"):
+        subprocess.run(["rm", "-rf", str(repo_copy / name)], check=True)
+
+    process = _start_train(repo_copy)
+    _wait_for(repo_copy / "checkpoints" / "ckpt-3.index", process)
+    process.send_signal(kill)
+    _, stderr = process.communicate(timeout=120)
+    if kill == signal.SIGKILL:
+        assert process.returncode == -signal.SIGKILL
+    else:
+        assert process.returncode == 130, stderr
+        assert "interrupted" in stderr
+    assert not (repo_copy / "models").exists() and not (repo_copy / "metrics").exists()  # nothing half-written
+
+    resumed = run([sys.executable, "stages/train.py"], repo_copy)
+    assert "resumed from" in resumed.stderr
+    for name, data in reference.items():
+        assert (repo_copy / name).read_bytes() == data, f"{name} differs after resume"
+    assert not any(path.name.endswith(".partial") for path in repo_copy.rglob("*"))
+    os.sync()

@@ -20,6 +20,7 @@ EXIT_INTERRUPTED = 130
 def configure_logging() -> None:
     level = os.environ.get("TAPEWORK_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # TF's checkpoint code logs at INFO every save
 
 
 def run_stage(main: Callable[[], None]) -> None:

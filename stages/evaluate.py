@@ -9,7 +9,9 @@ from tapework.cli import run_stage
 from tapework.evaluation import evaluate_model, write_reports
 from tapework.models import load_model
 from tapework.params import load_params
+from tapework.io import write_json
 from tapework.preprocess import load_prepared
+from tapework.provenance import file_sha256, provenance
 
 PREPARED_DIR = Path("data/prepared")
 MODEL_DIR = Path("models")
@@ -21,6 +23,8 @@ def main() -> None:
     model, _ = load_model(MODEL_DIR)
     outcome = evaluate_model(model, data, params.evaluate.batch_size, params.train.huber_delta)
     write_reports(outcome, data.meta, history_path=Path("metrics/train_history.tsv"))
+    model_hash = file_sha256(MODEL_DIR / "model.weights.npz")
+    write_json("metrics/evaluate.provenance.json", provenance(params, "evaluate", PREPARED_DIR / "meta.json", params.train.seed, model_sha256=model_hash))
     logging.getLogger("tapework").info("test: %s", outcome.results)
 
 

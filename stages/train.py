@@ -11,6 +11,7 @@ from tapework.io import atomic_write_text, write_json
 from tapework.models import save_model
 from tapework.params import load_params
 from tapework.preprocess import load_prepared
+from tapework.provenance import provenance
 from tapework.training import history_table, is_chief, train
 
 PREPARED_DIR = Path("data/prepared")
@@ -38,6 +39,7 @@ def main() -> None:
         return  # multi-worker: only the chief writes outputs
     save_model(result.model, result.config, MODEL_DIR)
     write_json("metrics/train.json", result.summary())
+    write_json("metrics/train.provenance.json", provenance(params, "train", PREPARED_DIR / "meta.json", params.train.seed))
     atomic_write_text("metrics/train_history.tsv", history_table(result.history))
     logging.getLogger("tapework").info("trained %d epochs; kept epoch %d", len(result.history), result.best_epoch)
 

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import run, tool_env, update_params
 
 STAGES = ("download", "preprocess", "train", "evaluate")
-OUTPUTS = ("metrics/train.json", "metrics/evaluate.json", "metrics/train_history.tsv", "metrics/report.tsv", "models/model.weights.npz", "models/model.json", "plots/confusion.csv", "plots/predictions.csv", "plots/summary.png")
+OUTPUTS = ("metrics/train.json", "metrics/evaluate.json", "metrics/train.provenance.json", "metrics/evaluate.provenance.json", "metrics/train_history.tsv", "metrics/report.tsv", "models/model.weights.npz", "models/model.json", "plots/confusion.csv", "plots/predictions.csv", "plots/summary.png")
 
 
 def snapshot(repo: Path) -> dict[str, bytes]:
@@ -40,6 +40,10 @@ def test_dvc_repro_end_to_end_skip_diff_and_bitwise_rerun(repo_copy):
     report = (repo_copy / "metrics/report.tsv").read_text()
     assert report.startswith("class\tprecision\trecall\tf1\tsupport") and "macro avg" in report
     assert (repo_copy / "plots/summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    provenance = json.loads((repo_copy / "metrics/evaluate.provenance.json").read_text())
+    assert provenance["dataset"] == "digits" and provenance["seed"] == 42
+    assert {"data_sha256", "model_sha256", "params_sha256", "packages", "cpu"} <= set(provenance)
+    assert provenance["packages"]["tensorflow-cpu"] and provenance["packages"]["keras"]
     before = snapshot(repo_copy)
     commit(repo_copy, "first run")
 

@@ -1,0 +1,66 @@
+"""Provenance written beside each metrics JSON: which data, params, code versions, seed, machine.
+
+Two results with equal provenance hashes came from the same inputs; different hashes say why
+they may differ (params, data, package versions or CPU kind).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tapework.params import Params, to_plain
+
+PACKAGES = ("tensorflow-cpu", "tensorflow", "keras", "numpy", "pandas", "scikit-learn", "dvc")
+
+
+def stable_hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def cpu_kind() -> dict[str, str]:
+    """CPU model and a hash of its feature flags: kernels (oneDNN, Eigen) pick code paths by them,
+    so bitwise results are only promised between machines of the same kind."""
+    model, flags = platform.processor() or "unknown", ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("unknown", "", platform.machine()):
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = " ".join(sorted(value.split()))
+    return {"machine": platform.machine(), "model": model, "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16]}
+
+
+def provenance(params: Params, section: str, data_meta_path: str | Path, seed: int, **input_hashes: str) -> dict[str, Any]:
+    """Small JSON tying a metrics file to its inputs (its params section, data and other input
+    hashes) and to the environment that produced it."""
+    return {
+        "dataset": params.download.dataset,
+        "data_sha256": file_sha256(data_meta_path),  # meta.json lists every array's hash
+        **input_hashes,
+        "params_section": section,
+        "params_sha256": stable_hash(to_plain(getattr(params, section))),
+        "seed": seed,
+        "packages": package_versions(),
+        "cpu": cpu_kind(),
+    }
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

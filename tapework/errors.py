@@ -15,3 +15,5 @@ class DownloadError(TapeworkError):
 
 class NonFiniteLossError(TapeworkError, ArithmeticError):
     """Training produced a NaN/Inf loss; nothing from the run is written as a result."""
+
+    exit_code = 3  # distinct from bad input (2): the params were valid, the run diverged

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from tapework.errors import DataError
+
 # Fixed zip entry time so identical arrays give identical bytes (zip's epoch is 1980).
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -84,8 +86,12 @@ def save_npz(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as archive:
-        return {name: archive[name] for name in archive.files}
+    """Read arrays only: allow_pickle=False means a crafted file cannot run code on load."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
+        raise DataError(f"{path} is not a valid array archive ({error}); re-run the stage that writes it") from None
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
@@ -105,6 +111,9 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A SIGKILL skips every `finally`: clear what such a run left behind before starting anew.
+    for stale in path.parent.glob(f".{path.name}.*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
     temp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield temp_path

@@ -236,6 +236,11 @@ def load_model(directory: str | Path) -> tuple[keras.Model, dict[str, Any]]:
         if not (directory / name).is_file():
             raise DataError(f"{directory / name} is missing: run the train stage first (dvc repro train)")
     config = read_json(directory / "model.json")
-    model = build_model(config)
-    assign_weights(model, load_npz(directory / "model.weights.npz"))
+    try:
+        model = build_model(config)
+        assign_weights(model, load_npz(directory / "model.weights.npz"))
+    except (KeyError, TypeError, ValueError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"{directory} does not hold a model this code can rebuild ({error}); re-run the train stage") from None
     return model, config

@@ -15,6 +15,7 @@ Catalogue of bad inputs tried across the suite (see each file for the cases):
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -144,7 +145,7 @@ def test_diverging_run_exits_3_naming_epoch_and_step_and_writes_nothing(repo_cop
     update_params(repo_copy / "params.yaml", {"train.on_nonfinite": "skip", "train.epochs": 1})
     skipped = run([sys.executable, "stages/train.py"], repo_copy, check=False)
     assert skipped.returncode == 3
-    assert "epoch 1: skipped 2 step(s) with a non-finite loss" in skipped.stderr
+    assert re.search(r"epoch 1: skipped [1-9]\d* step\(s\) with a non-finite loss", skipped.stderr)
     assert "error: epoch 1 produced non-finite metrics" in skipped.stderr
     assert not (repo_copy / "models").exists() and not (repo_copy / "metrics").exists()
 

@@ -77,11 +77,17 @@ def summary_figure(history: pd.DataFrame, task: str, confusion: np.ndarray | Non
         axes[0].plot(history["epoch"], history[f"{split}_loss"], label=f"{split} loss")
         axes[1].plot(history["epoch"], history[f"{split}_{metric}"], label=f"{split} {metric}")
     for axis, title in zip(axes[:2], ("loss", metric)):
+        axis.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
         axis.set_xlabel("epoch")
         axis.set_title(title)
         axis.legend()
     if confusion is not None:
         axes[2].imshow(confusion, cmap="Blues")
+        if len(class_names) <= 20:  # beyond that the numbers would not be readable
+            threshold = confusion.max() / 2
+            for (row, column), count in np.ndenumerate(confusion):
+                if count:
+                    axes[2].text(column, row, str(count), ha="center", va="center", fontsize=7, color="white" if count > threshold else "black")
         axes[2].set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
         axes[2].set_yticks(range(len(class_names)), class_names, fontsize=7)
         axes[2].set_xlabel("predicted")

@@ -58,15 +58,8 @@ def outputs_in_target_units(spec: TaskSpec, outputs: Any) -> Any:
     return tf.reshape(outputs, [-1]) * spec.target_scale + spec.target_offset
 
 
-def _run_on_replicas(strategy: tf.distribute.Strategy | None, step: Callable[..., Any], batch: Any) -> Any:
-    if strategy is None:
-        return step(*batch)
-    # Every replica returns the same all-reduced flag, so the first local result speaks for all.
-    return strategy.experimental_local_results(strategy.run(step, args=batch))[0]
-
-
-def _multi_step(step: Callable[..., Any], steps_per_execution: int, strategy: tf.distribute.Strategy | None, stop_on_bad: bool) -> Callable[[Any], Any]:
-    """Wrap a per-batch step into a compiled function that runs up to N steps per Python call.
+def _multi_step(step: Callable[..., Any], steps_per_execution: int, stop_on_bad: bool) -> Callable[[Any], Any]:
+    """Wrap a per-batch `step(inputs, labels) -> good` into a compiled function running up to N steps per call.
 
     Reading the iterator inside the graph removes one Python round trip per batch, which is
     most of the cost of small-batch training on CPU.
@@ -80,7 +73,7 @@ def _multi_step(step: Callable[..., Any], steps_per_execution: int, strategy: tf
             optional = iterator.get_next_as_optional()
             if not optional.has_value():
                 break
-            good = _run_on_replicas(strategy, step, optional.get_value())
+            good = step(*optional.get_value())
             steps += 1
             if not good:
                 bad_steps += 1
@@ -89,6 +82,21 @@ def _multi_step(step: Callable[..., Any], steps_per_execution: int, strategy: tf
         return steps, bad_steps
 
     return run
+
+
+def _check_distributable(optimizer: keras.optimizers.Optimizer) -> None:
+    """Reject optimizer features whose Keras 3 implementation is not replica-safe."""
+    if getattr(optimizer, "inner_optimizer", None) is not None:
+        raise ValueError(
+            "mixed precision is not supported with train.distribute: Keras 3's LossScaleOptimizer judges "
+            "overflow from the first replica's un-reduced gradients only (an overflow on another replica would "
+            "be applied, and workers could disagree); set train.mixed_precision: false"
+        )
+    if any(getattr(optimizer, name, None) for name in ("clipnorm", "global_clipnorm", "clipvalue")):
+        raise ValueError(
+            "gradient clipping is not supported with train.distribute: Keras 3 clips each replica's partial "
+            "gradient before summing them, which is not the single-device clip; set train.clip_norm: 0"
+        )
 
 
 def make_train_function(
@@ -102,15 +110,22 @@ def make_train_function(
     jit_compile: bool = False,
     strategy: tf.distribute.Strategy | None = None,
 ) -> Callable[[Any], Any]:
-    """Build `run(iterator) -> (steps_run, nonfinite_steps)`; a non-finite step never updates weights."""
+    """Build `run(iterator) -> (steps_run, nonfinite_steps)`; a non-finite step never updates weights.
+
+    With a strategy, `iterator` comes from a distributed dataset of *global* batches and every
+    replica computes its share; the model, optimizer and `metrics` must have been built in
+    `strategy.scope()`.
+    """
+    if strategy is not None:
+        _check_distributable(optimizer)
     loss_fn = per_example_loss(spec)
 
-    def compute_gradients(inputs: Any, labels: Any) -> tuple[Any, Any, Any]:
+    def compute_gradients(inputs: Any, labels: Any, global_batch_size: Any) -> tuple[Any, Any, Any]:
         with tf.GradientTape() as tape:
             outputs = model(inputs, training=True)
             per_example = loss_fn(labels, outputs)
             # Divide by the *global* batch: replica gradients then sum to the gradient of the mean.
-            loss = tf.nn.compute_average_loss(per_example)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
             # Mixed precision: scale up before backprop so float16 gradients do not underflow.
@@ -121,18 +136,40 @@ def make_train_function(
     if jit_compile:
         compute_gradients = tf.function(compute_gradients, jit_compile=True)
 
-    def train_step(inputs: Any, labels: Any) -> Any:
-        outputs, per_example, (loss, gradients) = compute_gradients(inputs, labels)
+    def forward_backward(inputs: Any, labels: Any) -> tuple[Any, Any]:
+        """Replica part 1: outputs, per-example loss, gradients, and whether every replica's loss is finite."""
+        global_batch_size = None
+        if strategy is not None:
+            # Replicas can hold unequal shares of a partial last batch, so count it instead of assuming N * local.
+            global_batch_size = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.shape(labels)[0])
+        outputs, per_example, (loss, gradients) = compute_gradients(inputs, labels, global_batch_size)
         nonfinite = tf.cast(tf.logical_not(tf.math.is_finite(loss)), tf.int32)
         # All replicas must agree whether to apply, or their collective updates would deadlock.
         nonfinite = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, nonfinite)
-        good = tf.equal(nonfinite, 0)
+        return tf.equal(nonfinite, 0), (outputs, per_example, gradients)
+
+    def apply_update(labels: Any, outputs: Any, per_example: Any, gradients: Any) -> None:
+        """Replica part 2: the optimizer step (gradients are summed over replicas inside) and metric updates."""
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        metrics.update(labels, outputs_in_target_units(spec, outputs), per_example)
+
+    def train_step(inputs: Any, labels: Any) -> Any:
+        good, (outputs, per_example, gradients) = forward_backward(inputs, labels)
         if good:
-            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-            metrics.update(labels, outputs_in_target_units(spec, outputs), per_example)
+            apply_update(labels, outputs, per_example, gradients)
         return good
 
-    return _multi_step(train_step, steps_per_execution, strategy, stop_on_nonfinite)
+    def distributed_train_step(inputs: Any, labels: Any) -> Any:
+        good, (outputs, per_example, gradients) = strategy.run(forward_backward, args=(inputs, labels))
+        # The branch must sit outside `strategy.run`: a sync point (gradient all-reduce) inside a replica-side
+        # cond is unsupported. Every replica holds the same all-reduced flag, so the first local one decides.
+        good = strategy.experimental_local_results(good)[0]
+        if good:
+            strategy.run(apply_update, args=(labels, outputs, per_example, gradients))
+        return good
+
+    step = train_step if strategy is None else distributed_train_step
+    return _multi_step(step, steps_per_execution, stop_on_nonfinite)
 
 
 def make_eval_step(model: keras.Model, spec: TaskSpec, metrics: MetricSet) -> Callable[[Any, Any], Any]:
@@ -163,7 +200,7 @@ class Evaluator:
             eval_step(inputs, labels)
             return tf.constant(True)
 
-        self._run_many = _multi_step(step_without_outputs, steps_per_execution, None, stop_on_bad=False)
+        self._run_many = _multi_step(step_without_outputs, steps_per_execution, stop_on_bad=False)
         self._run_one = tf.function(eval_step)
 
     def __call__(self, dataset: tf.data.Dataset, collect_outputs: bool = False) -> tuple[dict[str, float], np.ndarray | None]:

@@ -12,11 +12,10 @@ import pandas as pd
 
 from tapework.batching import make_dataset
 from tapework.io import write_json
-from tapework.loop import Evaluator
+from tapework.loop import Evaluator, task_spec
 from tapework.metrics import MetricSet
 from tapework.preprocess import Prepared
 from tapework.reports import per_class_report, read_history, regression_report, summary_figure, write_csv, write_table
-from tapework.training import task_spec
 
 METRICS_PATH = Path("metrics/evaluate.json")
 REPORT_PATH = Path("metrics/report.tsv")

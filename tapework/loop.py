@@ -33,6 +33,13 @@ class TaskSpec:
         return self.num_classes if self.task == "classification" else 1
 
 
+def task_spec(meta: dict[str, Any], label_smoothing: float = 0.0) -> TaskSpec:
+    """The TaskSpec of a prepared data set (its meta.json)."""
+    if meta["task"] == "classification":
+        return TaskSpec("classification", meta["num_classes"], label_smoothing=label_smoothing)
+    return TaskSpec("regression", 1, target_offset=meta["target"]["offset"], target_scale=meta["target"]["scale"])
+
+
 def per_example_loss(spec: TaskSpec) -> Callable[[Any, Any], Any]:
     """Loss per example (no reduction), so averaging is ours: exact under batching and replicas."""
     if spec.task == "classification":

@@ -130,6 +130,9 @@ class MetricSet:
             if self.confusion is not None:
                 self.confusion.update_state(labels, outputs)
         else:
+            # Column vectors: Keras' MAE averages over the last axis first, so rank-1 inputs would
+            # give one mean per batch and a partial last batch would weigh as much as a full one.
+            labels, outputs = tf.reshape(labels, [-1, 1]), tf.reshape(outputs, [-1, 1])
             for metric in self.others:
                 metric.update_state(labels, outputs)
             self.huber.update_state(labels, outputs)

@@ -310,6 +310,10 @@ def _cross_check(params: Params) -> None:
         _fail("train.warmup_epochs", train.warmup_epochs, f"must be smaller than train.epochs = {train.epochs}")
     if train.min_learning_rate > train.learning_rate:
         _fail("train.min_learning_rate", train.min_learning_rate, f"must not exceed train.learning_rate = {train.learning_rate}")
+    if train.distribute != "none" and train.clip_norm:
+        _fail("train.clip_norm", train.clip_norm, "clipping is not replica-safe in Keras 3 (it clips each replica's partial gradient); set 0 with train.distribute")
+    if train.distribute != "none" and train.mixed_precision:
+        _fail("train.mixed_precision", train.mixed_precision, "loss scaling is not replica-safe in Keras 3; set false with train.distribute")
     if params.preprocess.max_train_examples and params.preprocess.max_train_examples < 2:
         _fail("preprocess.max_train_examples", params.preprocess.max_train_examples, "must be 0 (all) or at least 2")
 

@@ -24,7 +24,7 @@ from tapework.batching import make_dataset, steps_per_epoch
 from tapework.checkpoint import CheckpointStore, TrainingState
 from tapework.distribute import configure_logical_cpus_from_env, distribute_dataset, is_chief, make_strategy
 from tapework.errors import NonFiniteLossError
-from tapework.loop import Evaluator, TaskSpec, make_train_function
+from tapework.loop import Evaluator, make_train_function, task_spec
 from tapework.metrics import MetricSet
 from tapework.models import build_model, model_config
 from tapework.optim import current_learning_rate, make_optimizer
@@ -39,11 +39,6 @@ def configure_determinism(seed: int) -> None:
     keras.utils.set_random_seed(seed)  # Python, NumPy and TF global seeds in one call
     tf.config.experimental.enable_op_determinism()  # picks deterministic kernels, fixes reduction order
 
-
-def task_spec(meta: dict[str, Any], label_smoothing: float = 0.0) -> TaskSpec:
-    if meta["task"] == "classification":
-        return TaskSpec("classification", meta["num_classes"], label_smoothing=label_smoothing)
-    return TaskSpec("regression", 1, target_offset=meta["target"]["offset"], target_scale=meta["target"]["scale"])
 
 
 def fingerprint(train: TrainParams, meta: dict[str, Any]) -> str:

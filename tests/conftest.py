@@ -33,6 +33,7 @@ def tool_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("TAPEWORK_MIRROR", None)
+    env.pop("TAPEWORK_LOGICAL_CPUS", None)
     env.update(extra)
     return env
 
@@ -70,6 +71,8 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Every test (and every stage it runs) gets its own download cache and no mirror from outside."""
     monkeypatch.setenv("TAPEWORK_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TAPEWORK_MIRROR", raising=False)
+    # Asks train() to split the CPU into devices, which fails once TF has started in this process.
+    monkeypatch.delenv("TAPEWORK_LOGICAL_CPUS", raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # never send loopback requests to a proxy
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
 

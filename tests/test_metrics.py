@@ -89,3 +89,15 @@ def test_metric_set_classification_results():
     assert results["loss"] == pytest.approx(0.25)
     probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     assert results["huber"] == pytest.approx(huber_reference(np.eye(3)[labels], probabilities, 1.0), rel=1e-5)
+
+
+def test_regression_metrics_average_per_example_not_per_batch():
+    """A partial last batch must weigh by its examples: batches [1, 1, 1] and [3] give MAE 1.5, not 2.0."""
+    metrics = MetricSet("regression", 0, huber_delta=10.0)
+    metrics.update(np.zeros(3), np.ones(3), np.ones(3))
+    metrics.update(np.zeros(1), np.full(1, 3.0), np.full(1, 9.0))
+    results = metrics.results()
+    assert results["mae"] == pytest.approx(1.5)
+    assert results["rmse"] == pytest.approx(np.sqrt((1 + 1 + 1 + 9) / 4))
+    assert results["huber"] == pytest.approx((0.5 * 3 + 0.5 * 9) / 4)
+    assert results["loss"] == pytest.approx(3.0)

@@ -101,6 +101,8 @@ BAD_COMBINATIONS = [
     ({"train.learning_rate": 0.001, "train.min_learning_rate": 0.01}, "train.min_learning_rate"),
     ({"train.model": "vit", "train.vit.embed_dim": 64, "train.vit.num_heads": 5}, "train.vit.num_heads"),
     ({"train.model": "vit", "train.vit.patch_size": 3}, "train.vit.patch_size"),
+    ({"train.distribute": "mirrored", "train.clip_norm": 1.0}, "train.clip_norm"),
+    ({"train.distribute": "multi_worker", "train.mixed_precision": True}, "train.mixed_precision"),
     ({"download.dataset": "digits", "train.model": "cnn", "train.cnn.filters": [8, 8, 8, 8, 8]}, None),
 ]
 

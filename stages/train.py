@@ -27,7 +27,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main() -> None:
     params = load_params("params.yaml")
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell starts background jobs with it ignored
+        signal.signal(signum, _interrupt)
     data = load_prepared(PREPARED_DIR)
     result = train(
         params.train,

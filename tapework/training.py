@@ -222,7 +222,7 @@ def train(
         train_metrics,
         steps_per_execution=train_params.steps_per_execution,
         stop_on_nonfinite=train_params.on_nonfinite == "error",
-        jit_compile=train_params.jit_compile,
+        jit_compile=train_params.use_xla(),
         strategy=strategy,
     )
     state = TrainingState(model)

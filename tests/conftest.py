@@ -77,25 +77,33 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
 
 
-@pytest.fixture
-def repo_copy(tmp_path: Path) -> Path:
-    """The project's tracked and unignored files copied into a fresh git repo, with tiny params."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    target = tmp_path / "repo"
+def copy_project(target: Path, params_changes: dict[str, object] | None = None) -> Path:
+    """The project's tracked and unignored files copied into `target`, a fresh git repo with one commit.
+
+    The committed results (dvc.lock, metrics, plots) belong to the default run, so the copy starts
+    without them: its first `dvc repro` runs every stage.
+    """
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
     for name in files:
         source = ROOT / name
         if source.is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target / name)
-    # Start from an empty result state: committed metrics/lock belong to the default run.
     for generated in ("dvc.lock", "metrics", "plots"):
         path = target / generated
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    update_params(target / "params.yaml", TINY_PARAMS)
+    if params_changes:
+        update_params(target / "params.yaml", params_changes)
     run(["git", "init", "-q"], target)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], target)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"], target)
     return target
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    """A throwaway copy of the repo (see copy_project) with tiny params."""
+    return copy_project(tmp_path / "repo", TINY_PARAMS)

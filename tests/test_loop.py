@@ -8,7 +8,7 @@ import tensorflow as tf
 from tapework.batching import make_dataset
 from tapework.loop import Evaluator, TaskSpec, make_train_function
 from tapework.metrics import MetricSet
-from tapework.models import build_model
+from tapework.models import Dropout, build_model
 
 
 def tiny_mlp(features=6, hidden=5, classes=3, seed=0):
@@ -51,7 +51,8 @@ def trainable_arrays(model):
     return [variable.numpy() for variable in model.trainable_variables]
 
 
-def test_train_step_matches_numpy_reference():
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["no-xla", "xla"])
+def test_train_step_matches_numpy_reference(jit_compile):
     rng = np.random.default_rng(0)
     inputs = rng.normal(size=(8, 6)).astype(np.float32)
     labels = rng.integers(0, 3, size=8).astype(np.int32)
@@ -61,7 +62,7 @@ def test_train_step_matches_numpy_reference():
     optimizer.build(model.trainable_variables)
     spec = TaskSpec("classification", 3)
     metrics = MetricSet("classification", 3, 1.0)
-    run = make_train_function(model, optimizer, spec, metrics)
+    run = make_train_function(model, optimizer, spec, metrics, jit_compile=jit_compile)
     steps, bad = run(iter(make_dataset(inputs, labels, batch_size=8)))
     assert (int(steps), int(bad)) == (1, 0)
     expected_loss, expected_weights = numpy_sgd_step(before, inputs, labels, 0.1)
@@ -70,12 +71,12 @@ def test_train_step_matches_numpy_reference():
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def train_weights(steps_per_execution, inputs, labels):
+def train_weights(steps_per_execution, inputs, labels, jit_compile=False):
     model = tiny_mlp(seed=3)
     optimizer = keras.optimizers.Adam(0.01)
     optimizer.build(model.trainable_variables)
     metrics = MetricSet("classification", 3, 1.0)
-    run = make_train_function(model, optimizer, TaskSpec("classification", 3), metrics, steps_per_execution=steps_per_execution)
+    run = make_train_function(model, optimizer, TaskSpec("classification", 3), metrics, steps_per_execution=steps_per_execution, jit_compile=jit_compile)
     iterator = iter(make_dataset(inputs, labels, batch_size=7, seed=1, epoch=1))
     total = 0
     while True:
@@ -86,19 +87,21 @@ def train_weights(steps_per_execution, inputs, labels):
     return total, trainable_arrays(model), metrics.results()
 
 
-def test_steps_per_execution_changes_nothing_but_speed():
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["no-xla", "xla"])
+def test_steps_per_execution_changes_nothing_but_speed(jit_compile):
     rng = np.random.default_rng(1)
     inputs = rng.normal(size=(50, 6)).astype(np.float32)
     labels = rng.integers(0, 3, size=50).astype(np.int32)
-    steps_one, weights_one, results_one = train_weights(1, inputs, labels)
-    steps_many, weights_many, results_many = train_weights(4, inputs, labels)
+    steps_one, weights_one, results_one = train_weights(1, inputs, labels, jit_compile)
+    steps_many, weights_many, results_many = train_weights(4, inputs, labels, jit_compile)
     assert steps_one == steps_many == 8  # 50 examples / batch 7, last batch partial
     for a, b in zip(weights_one, weights_many):
         np.testing.assert_array_equal(a, b)
     assert results_one == results_many
 
 
-def test_non_finite_step_is_reported_and_never_applied():
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["no-xla", "xla"])
+def test_non_finite_step_is_reported_and_never_applied(jit_compile):
     # A NaN target poisons its batch's loss for sure (a NaN input can vanish through ReLU).
     inputs = np.ones((4, 6), np.float32)
     targets = np.array([1.0, 2.0, np.nan, 3.0], np.float32)
@@ -107,7 +110,7 @@ def test_non_finite_step_is_reported_and_never_applied():
     optimizer = keras.optimizers.SGD(0.1)
     optimizer.build(model.trainable_variables)
     spec = TaskSpec("regression", 1)
-    run = make_train_function(model, optimizer, spec, MetricSet("regression", 0, 1.0), steps_per_execution=4)
+    run = make_train_function(model, optimizer, spec, MetricSet("regression", 0, 1.0), steps_per_execution=4, jit_compile=jit_compile)
     steps, bad = run(iter(make_dataset(inputs, targets, batch_size=2)))
     assert (int(steps), int(bad)) == (2, 1)  # first batch applied, second NaN: stop there
     after = trainable_arrays(model)
@@ -115,18 +118,46 @@ def test_non_finite_step_is_reported_and_never_applied():
     assert any(not np.array_equal(a, b) for a, b in zip(before, after))
 
 
-def test_skip_mode_skips_only_the_bad_step():
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["no-xla", "xla"])
+def test_skip_mode_skips_only_the_bad_step(jit_compile):
     inputs = np.ones((6, 6), np.float32)
     targets = np.array([1.0, 2.0, np.inf, 3.0, 4.0, 5.0], np.float32)
     model = tiny_mlp(classes=1)
     optimizer = keras.optimizers.SGD(0.01)
     optimizer.build(model.trainable_variables)
     spec = TaskSpec("regression", 1)
-    run = make_train_function(model, optimizer, spec, MetricSet("regression", 0, 1.0), steps_per_execution=8, stop_on_nonfinite=False)
+    run = make_train_function(model, optimizer, spec, MetricSet("regression", 0, 1.0), steps_per_execution=8, stop_on_nonfinite=False, jit_compile=jit_compile)
     steps, bad = run(iter(make_dataset(inputs, targets, batch_size=2)))
     assert (int(steps), int(bad)) == (3, 1)
     assert int(optimizer.iterations) == 2
     assert all(np.isfinite(a).all() for a in trainable_arrays(model))
+
+
+def test_xla_step_is_the_same_computation_as_the_uncompiled_one():
+    # Fusion may reorder float32 arithmetic, so equal to rounding, not to the bit.
+    rng = np.random.default_rng(1)
+    inputs = rng.normal(size=(50, 6)).astype(np.float32)
+    labels = rng.integers(0, 3, size=50).astype(np.int32)
+    _, plain_weights, plain_results = train_weights(4, inputs, labels, jit_compile=False)
+    _, xla_weights, xla_results = train_weights(4, inputs, labels, jit_compile=True)
+    for plain, xla in zip(plain_weights, xla_weights):
+        np.testing.assert_allclose(xla, plain, rtol=1e-5, atol=1e-6)
+    assert xla_results == pytest.approx(plain_results, rel=1e-5)
+
+
+def test_dropout_draws_keras_masks_on_tensorflow_kernels_and_compiles_under_xla():
+    x = tf.constant(np.random.default_rng(0).normal(size=(64, 128)).astype(np.float32))
+    ours, theirs = Dropout(0.3, seed=7), keras.layers.Dropout(0.3, seed=7)
+    for _ in range(3):  # the seed state advances alike, so every call draws the same mask
+        np.testing.assert_array_equal(ours(x, training=True).numpy(), theirs(x, training=True).numpy())
+    np.testing.assert_array_equal(ours(x, training=False).numpy(), x.numpy())
+    compiled = tf.function(lambda: ours(x, training=True), jit_compile=True)
+    first, second = compiled().numpy(), compiled().numpy()
+    for mask in (first, second):
+        dropped = float((mask == 0).mean())
+        assert 0.25 < dropped < 0.35, dropped  # rate 0.3
+        np.testing.assert_allclose(mask[mask != 0], x.numpy()[mask != 0] / 0.7, rtol=1e-6)
+    assert not np.array_equal(first, second)  # a fresh mask per call
 
 
 def test_evaluator_collects_outputs_and_matches_fast_path():

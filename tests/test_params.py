@@ -73,7 +73,7 @@ BAD_VALUES = {
     "train.early_stopping.min_delta": [-0.01],
     "train.early_stopping.restore_best": ["true"],
     "train.steps_per_execution": [0, 10_001],
-    "train.jit_compile": [0],
+    "train.jit_compile": [0, "yes", "xla", None],
     "train.mixed_precision": ["no"],
     "train.on_nonfinite": ["ignore"],
     "train.distribute": ["tpu"],
@@ -103,6 +103,7 @@ BAD_COMBINATIONS = [
     ({"train.model": "vit", "train.vit.patch_size": 3}, "train.vit.patch_size"),
     ({"train.distribute": "mirrored", "train.clip_norm": 1.0}, "train.clip_norm"),
     ({"train.distribute": "multi_worker", "train.mixed_precision": True}, "train.mixed_precision"),
+    ({"train.model": "cnn", "train.jit_compile": True}, "train.jit_compile"),
     ({"download.dataset": "digits", "train.model": "cnn", "train.cnn.filters": [8, 8, 8, 8, 8]}, None),
 ]
 
@@ -194,3 +195,24 @@ def test_yaml_syntax_error_and_missing_file(tmp_path):
     (tmp_path / "params.yaml").write_text("train: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({}, True),  # the committed default: auto, mlp, one device
+        ({"train.model": "residual_mlp"}, True),
+        ({"train.model": "cnn"}, False),
+        ({"train.model": "vit"}, False),
+        ({"train.distribute": "mirrored"}, False),
+        ({"train.jit_compile": False}, False),
+        ({"train.jit_compile": True, "train.model": "vit"}, True),
+        ({"train.jit_compile": True, "train.distribute": "mirrored"}, True),
+    ],
+)
+def test_jit_compile_auto_resolves_by_model_and_strategy(changes, expected):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split(".")
+        raw[section][key] = value
+    assert parse_params(raw).train.use_xla() is expected

@@ -100,7 +100,7 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["SIGKILL", "SIGTERM", "SIGINT"])
 def test_killed_train_resumes_to_bitwise_identical_result(repo_copy, kill):
     update_params(repo_copy / "params.yaml", {"train.epochs": 30, "train.mlp.dropout": 0.3, "train.schedule": "cosine"})
     run(["dvc", "repro", "preprocess"], repo_copy)

@@ -40,8 +40,9 @@ def test_every_model_builds_trains_and_lowers_the_loss(model, digits):
     assert result.history[-1]["val_accuracy"] > 0.3  # far above the 0.1 of chance on 10 classes
 
 
-def test_same_params_give_bitwise_identical_weights_and_history(digits):
-    params = train_params(mlp=dataclasses.replace(TrainParams().mlp, dropout=0.3))
+@pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "no-xla"])
+def test_same_params_give_bitwise_identical_weights_and_history(digits, jit_compile):
+    params = train_params(mlp=dataclasses.replace(TrainParams().mlp, dropout=0.3), jit_compile=jit_compile)
     first, second = run_training(params, digits), run_training(params, digits)
     assert first.history == second.history
     a, b = weights_dict(first.model), weights_dict(second.model)
@@ -50,8 +51,9 @@ def test_same_params_give_bitwise_identical_weights_and_history(digits):
         assert a[name].tobytes() == b[name].tobytes(), name
 
 
-def test_resumed_run_equals_uninterrupted_run_bitwise(digits, tmp_path):
-    params = train_params(epochs=4, mlp=dataclasses.replace(TrainParams().mlp, dropout=0.3), schedule="cosine")
+@pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "no-xla"])
+def test_resumed_run_equals_uninterrupted_run_bitwise(digits, tmp_path, jit_compile):
+    params = train_params(epochs=4, mlp=dataclasses.replace(TrainParams().mlp, dropout=0.3), schedule="cosine", jit_compile=jit_compile)
     straight = run_training(params, digits, checkpoint_dir=tmp_path / "straight")
     run_training(params, digits, checkpoint_dir=tmp_path / "resumed", stop_after_epochs=2)  # "crash" after epoch 2
     resumed = run_training(params, digits, checkpoint_dir=tmp_path / "resumed")

@@ -1,0 +1,412 @@
+"""Benchmark: the project's hand-written train loop against `model.fit`, in one process.
+
+Same model (`build_model` of the default `mlp`: hidden units [128, 64], dropout 0.1, same initial
+weights), same data (Fashion-MNIST shaped: 60000 x 28 x 28 x 1 uint8), same optimizer (Adam 1e-3),
+same loss (sparse categorical cross-entropy from logits), same metrics (loss mean + accuracy):
+
+  (a) model.fit, default compile (on a CPU-only machine Keras resolves jit_compile="auto" to False)
+  (b) model.fit, compile(..., steps_per_execution=32)
+  (c) the project's loop: tapework.loop.make_train_function + tapework.batching.make_dataset,
+      driven as tapework.training.train drives it (a new dataset per epoch), at params.yaml's
+      steps_per_execution and jit_compile, plus a steps_per_execution sweep
+
+This is the only file in the repository that calls `fit`: it is the baseline.
+
+    python benchmarks/loop_vs_fit.py                  # random (learnable) uint8 data, batch 64 and 256
+    python benchmarks/loop_vs_fit.py --real /work/shared/data/fashion-mnist
+    python benchmarks/loop_vs_fit.py --explore        # + the levers: XLA flipped, old batching, drop_remainder, metrics
+    python benchmarks/loop_vs_fit.py --quick          # smoke test: tiny data, one batch size
+
+Timing. Every variant of a batch size is built first; then the variants take turns, one epoch
+each, in an order rotated every round, so a change of machine load (other jobs on a shared box)
+hits all of them alike. Round 1 is the warm-up (tracing) and is not counted. An epoch is timed
+from before its dataset/iterator is made to after its metrics are Python floats (fit: from
+on_epoch_begin to on_epoch_end, with the logs turned into floats). samples/s is the median over
+the measured epochs; a ratio X/Y is the median over rounds of Y's epoch time / X's epoch time in
+the same round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from benchmarks.common import machine_description  # noqa: E402
+from tapework import parsers  # noqa: E402
+from tapework.batching import epoch_permutation, make_dataset, steps_per_epoch  # noqa: E402
+from tapework.loop import TaskSpec, make_train_function  # noqa: E402
+from tapework.metrics import MetricSet  # noqa: E402
+from tapework.models import build_model, model_config  # noqa: E402
+from tapework.params import TrainParams, load_params  # noqa: E402
+from tapework.preprocess import normalization_stats  # noqa: E402
+
+NUM_CLASSES = 10
+IMAGE_SHAPE = (28, 28, 1)
+TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
+
+
+# --------------------------------------------------------------------------------------------
+# Machine and data
+# --------------------------------------------------------------------------------------------
+
+
+def synthetic_data(samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random uint8 images that are nonetheless learnable: a random template per class plus noise.
+
+    Learnable on purpose, so that "fit and the loop reach the same loss" means something (on pure
+    noise with random labels every trainer sits at ln(10)).
+    """
+    rng = np.random.default_rng(seed)
+    # Low-contrast templates under heavy noise: a few epochs to learn, not one.
+    templates = rng.integers(112, 144, size=(NUM_CLASSES, *IMAGE_SHAPE), dtype=np.int16)
+    labels = rng.integers(0, NUM_CLASSES, size=samples).astype(np.int32)
+    noise = rng.integers(-128, 129, size=(samples, *IMAGE_SHAPE), dtype=np.int16)
+    images = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def real_data(folder: Path, samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """The Fashion-MNIST train split as the project holds it: (N, 28, 28, 1) uint8, int32 labels."""
+    images = parsers.parse_idx(folder / TRAIN_IMAGES)[..., np.newaxis]
+    labels = parsers.parse_idx(folder / TRAIN_LABELS).astype(np.int32)
+    parsers.check_counts(images, labels, name=str(folder))
+    return images[:samples], labels[:samples]
+
+
+# --------------------------------------------------------------------------------------------
+# Model, optimizer, metrics: identical for every variant
+# --------------------------------------------------------------------------------------------
+
+
+def make_config(images: np.ndarray, seed: int) -> dict[str, Any]:
+    """The project's model config for the params.yaml `mlp`, standardised with the data's stats."""
+    train = dataclasses.replace(load_params(ROOT / "params.yaml").train, model="mlp", seed=seed, l2=0.0)
+    offset, scale = normalization_stats(images, "standard", image=True)
+    return model_config(train, images.shape[1:], NUM_CLASSES, offset, scale)
+
+
+def fresh_model(config: dict[str, Any], seed: int) -> keras.Model:
+    keras.utils.set_random_seed(seed)  # same initial weights and dropout seeds for every variant
+    return build_model(config)
+
+
+def make_optimizer() -> keras.optimizers.Optimizer:
+    return keras.optimizers.Adam(learning_rate=1e-3)
+
+
+class LeanMetrics:
+    """What fit tracks with metrics=["accuracy"]: mean loss and sparse accuracy, nothing more.
+
+    Duck-types tapework.metrics.MetricSet (update / reset / results / variables), so the
+    project's make_train_function takes it unchanged. Exact: a Mean over every example's loss
+    and accuracy over every example, as MetricSet's own loss and accuracy.
+    """
+
+    def __init__(self) -> None:
+        self.loss = keras.metrics.Mean(name="loss")
+        self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self.all = [self.loss, self.accuracy]
+
+    def update(self, labels: Any, outputs: Any, loss: Any) -> None:
+        self.loss.update_state(loss)
+        self.accuracy.update_state(labels, outputs)
+
+    def reset(self) -> None:
+        for metric in self.all:
+            metric.reset_state()
+
+    def results(self) -> dict[str, float]:
+        return {metric.name: float(metric.result()) for metric in self.all}
+
+    def variables(self) -> list[Any]:
+        return [variable for metric in self.all for variable in metric.variables]
+
+
+# --------------------------------------------------------------------------------------------
+# The input pipeline before its rewrite, kept to measure that change
+# --------------------------------------------------------------------------------------------
+
+
+def legacy_make_dataset(inputs: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int | None = None, epoch: int = 0, drop_remainder: bool = False) -> tf.data.Dataset:
+    """tapework.batching.make_dataset before it cut the epoch into index batches in NumPy."""
+    size = len(inputs)
+    order = np.arange(size) if seed is None else epoch_permutation(size, seed, epoch)
+    inputs_tensor = tf.constant(inputs)
+    labels_tensor = tf.constant(labels)
+    indices = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=drop_remainder)
+    batches = indices.map(lambda index: (tf.gather(inputs_tensor, index), tf.gather(labels_tensor, index)))
+    return batches.prefetch(tf.data.AUTOTUNE)
+
+
+# --------------------------------------------------------------------------------------------
+# Trainers: one per variant; each runs one epoch per call
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Outcome:
+    key: str
+    label: str
+    batch_size: int
+    samples: int
+    epoch_seconds: list[float] = dataclasses.field(default_factory=list)  # warm-up epoch first
+    losses: list[float] = dataclasses.field(default_factory=list)
+    accuracies: list[float] = dataclasses.field(default_factory=list)
+    note: str = ""
+
+    @property
+    def measured(self) -> list[float]:
+        return self.epoch_seconds[1:] or self.epoch_seconds
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / statistics.median(self.measured)
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: list[float] = []
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        {key: float(value) for key, value in (logs or {}).items()}  # as the loop: results are floats
+        self.seconds.append(time.perf_counter() - self._started)
+
+
+class FitTrainer:
+    def __init__(self, outcome: Outcome, x: np.ndarray, y: np.ndarray, config: dict[str, Any], seed: int, steps_per_execution: int, jit_compile: Any = "auto") -> None:
+        self.outcome, self.x, self.y = outcome, x, y
+        self.model = fresh_model(config, seed)
+        self.model.compile(
+            optimizer=make_optimizer(),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+            steps_per_execution=steps_per_execution,
+            jit_compile=jit_compile,
+        )
+        self.timer = _EpochTimer()
+        self.outcome.note = f"jit_compile={self.model.jit_compile}"
+
+    def epoch(self, number: int) -> None:
+        # One fit call per epoch (so variants can take turns); the compiled train function is
+        # kept between calls, and the timer excludes fit's per-call setup.
+        history = self.model.fit(self.x, self.y, batch_size=self.outcome.batch_size, epochs=number, initial_epoch=number - 1, shuffle=True, verbose=0, callbacks=[self.timer])
+        self.outcome.epoch_seconds.append(self.timer.seconds[-1])
+        self.outcome.losses.append(float(history.history["loss"][-1]))
+        self.outcome.accuracies.append(float(history.history["accuracy"][-1]))
+
+
+class LoopTrainer:
+    """The per-epoch body of tapework.training.train, minus validation, checkpoints and logging."""
+
+    def __init__(
+        self,
+        outcome: Outcome,
+        x: np.ndarray,
+        y: np.ndarray,
+        config: dict[str, Any],
+        seed: int,
+        steps_per_execution: int,
+        *,
+        dataset_fn: Callable[..., tf.data.Dataset] = make_dataset,
+        metrics: str = "lean",
+        drop_remainder: bool = False,
+        jit_compile: bool = False,
+    ) -> None:
+        self.outcome, self.x, self.y, self.seed = outcome, x, y, seed
+        self.steps_per_execution, self.dataset_fn, self.drop_remainder = steps_per_execution, dataset_fn, drop_remainder
+        self.model = fresh_model(config, seed)
+        optimizer = make_optimizer()
+        optimizer.build(self.model.trainable_variables)  # slots must exist before the first traced step
+        self.metrics = LeanMetrics() if metrics == "lean" else MetricSet("classification", NUM_CLASSES, 1.0)
+        spec = TaskSpec("classification", NUM_CLASSES)
+        self.run = make_train_function(self.model, optimizer, spec, self.metrics, steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+        self.steps = steps_per_epoch(len(x), outcome.batch_size, drop_remainder)
+
+    def epoch(self, number: int) -> None:
+        started = time.perf_counter()
+        self.metrics.reset()
+        dataset = self.dataset_fn(self.x, self.y, self.outcome.batch_size, seed=self.seed, epoch=number, drop_remainder=self.drop_remainder)
+        iterator = iter(dataset)
+        done = 0
+        while True:
+            ran, bad = (int(value) for value in self.run(iterator))
+            done += ran
+            if bad:
+                raise FloatingPointError(f"{self.outcome.label}: non-finite loss in epoch {number}")
+            if ran < self.steps_per_execution:
+                break
+        results = self.metrics.results()
+        self.outcome.epoch_seconds.append(time.perf_counter() - started)
+        if done != self.steps:
+            raise AssertionError(f"{self.outcome.label}: ran {done} steps in epoch {number}, expected {self.steps}")
+        self.outcome.losses.append(results["loss"])
+        self.outcome.accuracies.append(results["accuracy"])
+        self.outcome.note = f"traces={self.run.experimental_get_tracing_count()}"
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def variants(args: argparse.Namespace, defaults: TrainParams) -> list[tuple[str, str, Callable[..., Any], dict[str, Any]]]:
+    """(key, label, trainer class, trainer kwargs); keys a, b, c are the issue's three.
+
+    (c) runs at params.yaml's train settings (steps_per_execution, jit_compile resolved for the
+    mlp): the loop as `dvc repro` runs it.
+    """
+    spe, jit = defaults.steps_per_execution, defaults.use_xla()
+    loop = {"steps_per_execution": spe, "jit_compile": jit}
+    rows: list[tuple[str, str, Callable[..., Any], dict[str, Any]]] = [
+        ("a", "(a) fit", FitTrainer, {"steps_per_execution": 1}),
+        ("b", "(b) fit spe=32", FitTrainer, {"steps_per_execution": 32}),
+        ("c", f"(c) loop spe={spe} jit={jit} (params.yaml)", LoopTrainer, loop),
+    ]
+    for other in args.sweep:
+        if other != spe:
+            rows.append((f"c-spe{other}", f"(c) loop spe={other} jit={jit}", LoopTrainer, {**loop, "steps_per_execution": other}))
+    if args.explore:
+        rows += [
+            ("c-jit-flip", f"(c) loop spe={spe} jit={not jit}", LoopTrainer, {**loop, "jit_compile": not jit}),
+            ("c-legacy-batching", "(c) loop, batching.py before its rewrite", LoopTrainer, {**loop, "dataset_fn": legacy_make_dataset}),
+            ("c-drop-remainder", "(c) loop, drop_remainder", LoopTrainer, {**loop, "drop_remainder": True}),
+            ("c-metricset", "(c) loop, project MetricSet (+huber)", LoopTrainer, {**loop, "metrics": "project"}),
+        ]
+        if not args.determinism:  # Keras turns fit's XLA off under op determinism
+            rows.append(("a-jit", "(a) fit, jit_compile=True", FitTrainer, {"steps_per_execution": 1, "jit_compile": True}))
+    if args.only:
+        rows = [row for row in rows if row[0] in args.only or row[0] in ("a", "b", "c")]
+    return rows
+
+
+def paired_ratio(numerator: Outcome, denominator: Outcome) -> float:
+    """Median over measured rounds of denominator's epoch time / numerator's: throughput ratio."""
+    pairs = list(zip(numerator.measured, denominator.measured))
+    return statistics.median(d / n for n, d in pairs)
+
+
+def describe(outcome: Outcome, reference: Outcome | None) -> str:
+    spread = ", ".join(f"{outcome.samples / s:,.0f}" for s in outcome.measured)
+    versus = f"  vs (a) {paired_ratio(outcome, reference):.2f}x" if reference is not None else ""
+    return (
+        f"RESULT {outcome.label:<58} batch={outcome.batch_size:<4} samples/s={outcome.samples_per_second:>9,.0f}{versus}  "
+        f"(epochs: {spread}; warm-up {outcome.epoch_seconds[0]:.2f}s)  final loss={outcome.losses[-1]:.4f} "
+        f"acc={outcome.accuracies[-1]:.4f}  {outcome.note}"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=5, help="measured epochs per variant, after one warm-up epoch (default 5)")
+    parser.add_argument("--batch-sizes", default="64,256", help="comma-separated (default 64,256)")
+    parser.add_argument("--sweep", default="1,8,32", help="steps_per_execution values for the loop (default 1,8,32)")
+    parser.add_argument("--samples", type=int, default=60000, help="training examples (default 60000)")
+    parser.add_argument("--real", type=Path, metavar="PATH", help="folder with the Fashion-MNIST IDX .gz files, instead of random data")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--explore", action="store_true", help="also run the levers: XLA flipped, old batching, drop_remainder, MetricSet")
+    parser.add_argument("--only", default="", help="with --explore: comma-separated variant keys to keep besides a, b, c")
+    parser.add_argument("--no-determinism", dest="determinism", action="store_false", help="skip tf.config.experimental.enable_op_determinism() (train() enables it)")
+    parser.add_argument("--intra-op", type=int, default=0, help="intra-op threads (0: TensorFlow's default)")
+    parser.add_argument("--inter-op", type=int, default=0, help="inter-op threads (0: TensorFlow's default)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 4096 examples, batch 64, (a), (b) and (c) at params.yaml's settings, 1+2 epochs")
+    parser.add_argument("--json", type=Path, help="also write every outcome to this JSON file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.samples, args.batch_sizes, args.epochs, args.sweep, args.explore = min(args.samples, 4096), "64", 2, "", False
+    args.batch_sizes = [int(item) for item in args.batch_sizes.split(",") if item]
+    args.sweep = [int(item) for item in args.sweep.split(",") if item]
+    args.only = [item for item in args.only.split(",") if item]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
+    tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
+    if args.determinism:
+        tf.config.experimental.enable_op_determinism()  # as tapework.training.train does
+    machine = machine_description()
+    threads = f"intra-op {args.intra_op or 'default'}, inter-op {args.inter_op or 'default'}, op determinism {'on' if args.determinism else 'off'}"
+    print(f"MACHINE {machine}", flush=True)
+    print(f"SETTINGS {threads}", flush=True)
+    if args.real:
+        x, y = real_data(args.real, args.samples)
+        source = f"Fashion-MNIST train split ({args.real})"
+    else:
+        x, y = synthetic_data(args.samples, args.seed)
+        source = "random uint8 (class template + noise)"
+    print(f"DATA {source}: x {x.shape} {x.dtype}, y {y.shape} {y.dtype}", flush=True)
+    config = make_config(x, args.seed)
+    defaults = dataclasses.replace(load_params(ROOT / "params.yaml").train, model="mlp")
+    tables: list[tuple[int, dict[str, Outcome]]] = []
+    ratios: dict[str, float] = {}
+    for batch_size in args.batch_sizes:
+        trainers: dict[str, Any] = {}
+        for key, label, kind, kwargs in variants(args, defaults):
+            trainers[key] = kind(Outcome(key, label, batch_size, len(x)), x, y, config, args.seed, **kwargs)
+        keys = list(trainers)
+        for round_index in range(args.epochs + 1):
+            shift = round_index % len(keys)
+            for key in keys[shift:] + keys[:shift]:
+                trainers[key].epoch(round_index + 1)
+        rows = {key: trainer.outcome for key, trainer in trainers.items()}
+        for outcome in rows.values():
+            print(describe(outcome, rows["a"] if outcome.key != "a" else None), flush=True)
+        ratios[f"{batch_size}:c/a"] = paired_ratio(rows["c"], rows["a"])
+        line = f"RATIO batch={batch_size} c/a={ratios[f'{batch_size}:c/a']:.2f}"
+        if "b" in rows:
+            ratios[f"{batch_size}:c/b"] = paired_ratio(rows["c"], rows["b"])
+            line += f" c/b={ratios[f'{batch_size}:c/b']:.2f}"
+        print(line, flush=True)
+        print(f"PARITY batch={batch_size} fit_loss={rows['a'].losses[-1]:.4f} loop_loss={rows['c'].losses[-1]:.4f} "
+              f"after {len(rows['a'].losses)} epochs (fit, per epoch: {', '.join(f'{v:.4f}' for v in rows['a'].losses)}; "
+              f"loop: {', '.join(f'{v:.4f}' for v in rows['c'].losses)})", flush=True)
+        tables.append((batch_size, rows))
+
+    print()
+    print(f"Machine: {machine}; {threads}.  ")
+    print(f"Data: {source}, {len(x)} examples. Median of {args.epochs} epochs after 1 warm-up, variants interleaved epoch by epoch; ratios are medians of per-round ratios.")
+    print()
+    print("| batch | variant | samples/s | vs (a) |")
+    print("|---:|---|---:|---:|")
+    for batch_size, rows in tables:
+        for outcome in rows.values():
+            versus = "1.00x" if outcome.key == "a" else f"{paired_ratio(outcome, rows['a']):.2f}x"
+            print(f"| {batch_size} | {outcome.label} | {outcome.samples_per_second:,.0f} | {versus} |")
+    if args.json:
+        payload = {
+            "machine": machine,
+            "settings": threads,
+            "source": source,
+            "ratios": ratios,
+            "outcomes": [dataclasses.asdict(outcome) | {"samples_per_second": outcome.samples_per_second} for _, rows in tables for outcome in rows.values()],
+        }
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

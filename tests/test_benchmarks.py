@@ -1,0 +1,47 @@
+"""Smoke test of benchmarks/loop_vs_fit.py: it runs, prints its ratios, and compares like with like.
+
+Nothing about speed is asserted (timings on shared machines are noise for a test).
+"""
+
+import json
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, tool_env
+
+
+def test_loop_vs_fit_quick_runs_and_compares_like_with_like(tmp_path):
+    report_path = tmp_path / "quick.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "loop_vs_fit.py"), "--quick", "--json", str(report_path)],
+        cwd=ROOT,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,  # a guard against a hang; the quick run takes seconds
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert re.search(r"^MACHINE .+, \d+ cores, TensorFlow \S+", out, re.M), out
+    assert re.search(r"^RATIO batch=64 c/a=\d+\.\d\d c/b=\d+\.\d\d$", out, re.M), out
+    assert re.search(r"^PARITY batch=64 fit_loss=\S+ loop_loss=\S+", out, re.M), out
+    assert "| batch | variant | samples/s | vs (a) |" in out
+
+    report = json.loads(report_path.read_text())
+    outcomes = {outcome["key"]: outcome for outcome in report["outcomes"]}
+    assert {"a", "b", "c"} <= outcomes.keys()
+    fit, loop = outcomes["a"], outcomes["c"]
+    assert fit["samples"] == loop["samples"] and fit["batch_size"] == loop["batch_size"] == 64
+    assert len(fit["losses"]) == len(loop["losses"]) == 3  # warm-up + 2 measured epochs each
+    # Same data, initial weights, optimizer and loss: the first epoch's mean loss nearly agrees
+    # (only the shuffling and dropout masks differ), and both then learn to about the same loss.
+    assert loop["losses"][0] == pytest.approx(fit["losses"][0], rel=0.05)
+    for fit_loss, loop_loss in zip(fit["losses"], loop["losses"]):
+        assert abs(fit_loss - loop_loss) <= 0.25 * max(fit_loss, loop_loss) + 0.02, (fit["losses"], loop["losses"])
+    assert max(fit["losses"][-1], loop["losses"][-1]) < 0.5 * math.log(10)  # learned: far below chance
+    # fit with steps_per_execution=32 is the same computation as fit: identical losses.
+    assert outcomes["b"]["losses"] == pytest.approx(fit["losses"], rel=1e-4)

@@ -41,18 +41,30 @@ def subsample(size: int, count: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 1]).permutation(size)[:count])
 
 
+# Rows per chunk in normalization_stats: about 8 MB of float64 at a time.
+STATS_CHUNK_VALUES = 1 << 20
+
+
 def normalization_stats(inputs: np.ndarray, method: str, image: bool) -> tuple[np.ndarray, np.ndarray]:
     """(offset, scale) from the training split only, so validation and test never leak into it.
 
     Images get one value per channel; tabular data one per feature.
     """
     axes = tuple(range(inputs.ndim - 1)) if image else 0
-    values = inputs.astype(np.float64)  # float64 sums: float32 loses digits over millions of pixels
     if method == "standard":
-        offset, scale = values.mean(axis=axes), values.std(axis=axes)
+        # float64 sums (float32 loses digits over millions of pixels), taken over chunks of rows:
+        # a float64 copy of the whole split would be 8x the uint8 images (340 MB for Fashion-MNIST).
+        rows = max(1, STATS_CHUNK_VALUES // max(1, int(np.prod(inputs.shape[1:]))))
+
+        def chunks() -> Any:
+            return (inputs[start : start + rows].astype(np.float64) for start in range(0, len(inputs), rows))
+
+        count = inputs.size // inputs.shape[-1]  # values per channel (image) or per feature
+        offset = sum(chunk.sum(axis=axes) for chunk in chunks()) / count
+        scale = np.sqrt(sum(np.square(chunk - offset).sum(axis=axes) for chunk in chunks()) / count)  # two passes: no cancellation
     elif method == "minmax":
-        offset = values.min(axis=axes)
-        scale = values.max(axis=axes) - offset
+        offset = inputs.min(axis=axes).astype(np.float64)
+        scale = inputs.max(axis=axes).astype(np.float64) - offset
     elif method == "none":
         offset, scale = np.zeros(inputs.shape[-1]), np.ones(inputs.shape[-1])
     else:

@@ -56,6 +56,21 @@ def test_normalization_stats_per_channel_and_constant_feature():
     np.testing.assert_allclose(scale, [2, 1])
 
 
+@pytest.mark.parametrize("chunk_values", [1, 50, 1 << 20])  # one row per chunk, a few rows, one chunk
+@pytest.mark.parametrize("image", [True, False])
+def test_chunked_standard_stats_equal_one_float64_pass(monkeypatch, chunk_values, image):
+    import tapework.preprocess as preprocess_module
+
+    monkeypatch.setattr(preprocess_module, "STATS_CHUNK_VALUES", chunk_values)
+    rng = np.random.default_rng(5)
+    inputs = rng.integers(0, 256, (301, 5, 4, 3)).astype(np.uint8) if image else rng.normal(7.0, 300.0, (301, 6)).astype(np.float32)
+    values = inputs.astype(np.float64)
+    axes = (0, 1, 2) if image else 0
+    offset, scale = normalization_stats(inputs, "standard", image=image)
+    np.testing.assert_allclose(offset, values.mean(axis=axes).astype(np.float32), rtol=1e-7)
+    np.testing.assert_allclose(scale, values.std(axis=axes).astype(np.float32), rtol=1e-6)
+
+
 @dataclass(frozen=True)
 class FakeRaw:
     x_train: np.ndarray

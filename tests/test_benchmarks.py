@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/loop_vs_fit.py: it runs, prints its ratios, and compares like with like.
+"""Smoke tests of the benchmark scripts: they run, print their figures, and compare like with like.
 
 Nothing about speed is asserted (timings on shared machines are noise for a test).
 """
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, tool_env
+from tests.conftest import ROOT, shared_data, tool_env
 
 
 def test_loop_vs_fit_quick_runs_and_compares_like_with_like(tmp_path):
@@ -45,3 +45,20 @@ def test_loop_vs_fit_quick_runs_and_compares_like_with_like(tmp_path):
     assert max(fit["losses"][-1], loop["losses"][-1]) < 0.5 * math.log(10)  # learned: far below chance
     # fit with steps_per_execution=32 is the same computation as fit: identical losses.
     assert outcomes["b"]["losses"] == pytest.approx(fit["losses"], rel=1e-4)
+
+
+def test_pipeline_figures_runs_on_the_real_fashion_mnist(tmp_path):
+    report_path = tmp_path / "figures.json"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "pipeline_figures.py"), "--data", str(shared_data("fashion-mnist")),
+        "--train-epochs", "1", "--train-repeats", "1", "--preprocess-repeats", "1", "--dvc-repeats", "1", "--json", str(report_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=tool_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for row in ("| Fashion-MNIST preprocess peak RSS |", "| Fashion-MNIST train epoch 1,", "| no-op `dvc repro` / `dvc status` |"):
+        assert row in result.stdout, result.stdout
+    figures = json.loads(report_path.read_text())
+    assert figures["preprocess"]["counts"] == {"train": 54000, "val": 6000, "test": 10000}
+    assert figures["train"]["train_examples"] == 54000 and len(figures["train"]["runs"][0]["epoch_seconds"]) == 1
+    assert figures["train"]["final_history"]["val_accuracy"] > 0.8  # one real epoch of the default mlp learns
+    assert figures["dvc"]["status_after_repro"] == "Data and pipelines are up to date."

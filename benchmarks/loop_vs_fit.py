@@ -57,6 +57,7 @@ from tapework.metrics import MetricSet  # noqa: E402
 from tapework.models import build_model, model_config  # noqa: E402
 from tapework.params import TrainParams, load_params  # noqa: E402
 from tapework.preprocess import normalization_stats  # noqa: E402
+from tapework.training import train_epoch  # noqa: E402
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
@@ -219,7 +220,7 @@ class FitTrainer:
 
 
 class LoopTrainer:
-    """The per-epoch body of tapework.training.train, minus validation, checkpoints and logging."""
+    """One epoch as tapework.training.train runs it (train_epoch), minus validation, checkpoints and logging."""
 
     def __init__(
         self,
@@ -236,32 +237,28 @@ class LoopTrainer:
         jit_compile: bool = False,
     ) -> None:
         self.outcome, self.x, self.y, self.seed = outcome, x, y, seed
-        self.steps_per_execution, self.dataset_fn, self.drop_remainder = steps_per_execution, dataset_fn, drop_remainder
+        self.dataset_fn, self.drop_remainder = dataset_fn, drop_remainder
+        # What train_epoch reads: steps per call, and stop with an error on a non-finite loss.
+        self.params = TrainParams(steps_per_execution=steps_per_execution, on_nonfinite="error")
         self.model = fresh_model(config, seed)
-        optimizer = make_optimizer()
-        optimizer.build(self.model.trainable_variables)  # slots must exist before the first traced step
+        self.optimizer = make_optimizer()
+        self.optimizer.build(self.model.trainable_variables)  # slots must exist before the first traced step
         self.metrics = LeanMetrics() if metrics == "lean" else MetricSet("classification", NUM_CLASSES, 1.0)
         spec = TaskSpec("classification", NUM_CLASSES)
-        self.run = make_train_function(self.model, optimizer, spec, self.metrics, steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+        self.run = make_train_function(self.model, self.optimizer, spec, self.metrics, steps_per_execution=steps_per_execution, jit_compile=jit_compile)
         self.steps = steps_per_epoch(len(x), outcome.batch_size, drop_remainder)
 
     def epoch(self, number: int) -> None:
+        steps_before = int(self.optimizer.iterations)
         started = time.perf_counter()
         self.metrics.reset()
         dataset = self.dataset_fn(self.x, self.y, self.outcome.batch_size, seed=self.seed, epoch=number, drop_remainder=self.drop_remainder)
-        iterator = iter(dataset)
-        done = 0
-        while True:
-            ran, bad = (int(value) for value in self.run(iterator))
-            done += ran
-            if bad:
-                raise FloatingPointError(f"{self.outcome.label}: non-finite loss in epoch {number}")
-            if ran < self.steps_per_execution:
-                break
+        train_epoch(self.run, dataset, self.steps, number, self.params)  # the epoch driver tapework.training.train uses
         results = self.metrics.results()
         self.outcome.epoch_seconds.append(time.perf_counter() - started)
+        done = int(self.optimizer.iterations) - steps_before
         if done != self.steps:
-            raise AssertionError(f"{self.outcome.label}: ran {done} steps in epoch {number}, expected {self.steps}")
+            raise AssertionError(f"{self.outcome.label}: applied {done} steps in epoch {number}, expected {self.steps}")
         self.outcome.losses.append(results["loss"])
         self.outcome.accuracies.append(results["accuracy"])
         self.outcome.note = f"traces={self.run.experimental_get_tracing_count()}"

@@ -155,7 +155,7 @@ def _checkpoint_store(checkpoint_dir: Path | None, chief: bool, run_fingerprint:
     return store
 
 
-def _train_epoch(train_function: Any, dataset: Any, steps: int, epoch: int, train_params: TrainParams) -> int:
+def train_epoch(train_function: Any, dataset: Any, steps: int, epoch: int, train_params: TrainParams) -> int:
     """Run one epoch of compiled steps; returns how many steps were skipped for a non-finite loss."""
     iterator = iter(dataset)
     done = skipped = 0
@@ -242,7 +242,7 @@ def train(
             dataset = make_dataset(x_train, y_train, train_params.batch_size, seed=train_params.seed, epoch=epoch, drop_remainder=train_params.drop_remainder)
             if strategy is not None:
                 dataset = distribute_dataset(strategy, dataset)
-            skipped = _train_epoch(train_function, dataset, steps, epoch, train_params)
+            skipped = train_epoch(train_function, dataset, steps, epoch, train_params)
             if skipped:
                 log.warning("epoch %d: skipped %d step(s) with a non-finite loss", epoch, skipped)
             train_results = train_metrics.results()  # on-read metric variables: summed over replicas (and workers) here

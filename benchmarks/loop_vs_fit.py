@@ -2,19 +2,20 @@
 
 Same model (`build_model` of the default `mlp`: hidden units [128, 64], dropout 0.1, same initial
 weights), same data (Fashion-MNIST shaped: 60000 x 28 x 28 x 1 uint8), same optimizer (Adam 1e-3),
-same loss (sparse categorical cross-entropy from logits), same metrics (loss mean + accuracy):
+same loss (sparse categorical cross-entropy from logits). fit tracks loss mean + accuracy; the loop
+tracks what train() tracks (tapework.metrics.MetricSet: loss mean, accuracy and Huber):
 
   (a) model.fit, default compile (on a CPU-only machine Keras resolves jit_compile="auto" to False)
   (b) model.fit, compile(..., steps_per_execution=32)
-  (c) the project's loop: tapework.loop.make_train_function + tapework.batching.make_dataset,
-      driven as tapework.training.train drives it (a new dataset per epoch), at params.yaml's
-      steps_per_execution and jit_compile, plus a steps_per_execution sweep
+  (c) the project's loop: tapework.loop.make_train_function + tapework.batching.make_dataset +
+      tapework.metrics.MetricSet, driven as tapework.training.train drives it (a new dataset per
+      epoch), at params.yaml's steps_per_execution and jit_compile, plus a steps_per_execution sweep
 
 This is the only file in the repository that calls `fit`: it is the baseline.
 
     python benchmarks/loop_vs_fit.py                  # random (learnable) uint8 data, batch 64 and 256
-    python benchmarks/loop_vs_fit.py --real /work/shared/data/fashion-mnist
-    python benchmarks/loop_vs_fit.py --explore        # + the levers: XLA flipped, old batching, drop_remainder, metrics
+    python benchmarks/loop_vs_fit.py --real path/to/fashion-mnist   # a folder with the IDX .gz files
+    python benchmarks/loop_vs_fit.py --explore        # + the levers: XLA flipped, drop_remainder
     python benchmarks/loop_vs_fit.py --quick          # smoke test: tiny data, one batch size
 
 Timing. Every variant of a batch size is built first; then the variants take turns, one epoch
@@ -41,23 +42,20 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from benchmarks.common import machine_description  # noqa: E402
 from tapework import parsers  # noqa: E402
-from tapework.batching import epoch_permutation, make_dataset, steps_per_epoch  # noqa: E402
+from tapework.batching import make_dataset, steps_per_epoch  # noqa: E402
 from tapework.loop import TaskSpec, make_train_function  # noqa: E402
 from tapework.metrics import MetricSet  # noqa: E402
 from tapework.models import build_model, model_config  # noqa: E402
 from tapework.params import TrainParams, load_params  # noqa: E402
 from tapework.preprocess import normalization_stats  # noqa: E402
 from tapework.training import train_epoch  # noqa: E402
+from tools.machine import machine_description  # noqa: E402
+from tools.workspace import ROOT  # noqa: E402
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
@@ -93,7 +91,7 @@ def real_data(folder: Path, samples: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------------
-# Model, optimizer, metrics: identical for every variant
+# Model and optimizer: identical for every variant
 # --------------------------------------------------------------------------------------------
 
 
@@ -111,50 +109,6 @@ def fresh_model(config: dict[str, Any], seed: int) -> keras.Model:
 
 def make_optimizer() -> keras.optimizers.Optimizer:
     return keras.optimizers.Adam(learning_rate=1e-3)
-
-
-class LeanMetrics:
-    """What fit tracks with metrics=["accuracy"]: mean loss and sparse accuracy, nothing more.
-
-    Duck-types tapework.metrics.MetricSet (update / reset / results / variables), so the
-    project's make_train_function takes it unchanged. Exact: a Mean over every example's loss
-    and accuracy over every example, as MetricSet's own loss and accuracy.
-    """
-
-    def __init__(self) -> None:
-        self.loss = keras.metrics.Mean(name="loss")
-        self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-        self.all = [self.loss, self.accuracy]
-
-    def update(self, labels: Any, outputs: Any, loss: Any) -> None:
-        self.loss.update_state(loss)
-        self.accuracy.update_state(labels, outputs)
-
-    def reset(self) -> None:
-        for metric in self.all:
-            metric.reset_state()
-
-    def results(self) -> dict[str, float]:
-        return {metric.name: float(metric.result()) for metric in self.all}
-
-    def variables(self) -> list[Any]:
-        return [variable for metric in self.all for variable in metric.variables]
-
-
-# --------------------------------------------------------------------------------------------
-# The input pipeline before its rewrite, kept to measure that change
-# --------------------------------------------------------------------------------------------
-
-
-def legacy_make_dataset(inputs: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int | None = None, epoch: int = 0, drop_remainder: bool = False) -> tf.data.Dataset:
-    """tapework.batching.make_dataset before it cut the epoch into index batches in NumPy."""
-    size = len(inputs)
-    order = np.arange(size) if seed is None else epoch_permutation(size, seed, epoch)
-    inputs_tensor = tf.constant(inputs)
-    labels_tensor = tf.constant(labels)
-    indices = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=drop_remainder)
-    batches = indices.map(lambda index: (tf.gather(inputs_tensor, index), tf.gather(labels_tensor, index)))
-    return batches.prefetch(tf.data.AUTOTUNE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,19 +185,17 @@ class LoopTrainer:
         seed: int,
         steps_per_execution: int,
         *,
-        dataset_fn: Callable[..., tf.data.Dataset] = make_dataset,
-        metrics: str = "lean",
         drop_remainder: bool = False,
         jit_compile: bool = False,
     ) -> None:
         self.outcome, self.x, self.y, self.seed = outcome, x, y, seed
-        self.dataset_fn, self.drop_remainder = dataset_fn, drop_remainder
+        self.drop_remainder = drop_remainder
         # What train_epoch reads: steps per call, and stop with an error on a non-finite loss.
-        self.params = TrainParams(steps_per_execution=steps_per_execution, on_nonfinite="error")
+        self.params = dataclasses.replace(load_params(ROOT / "params.yaml").train, steps_per_execution=steps_per_execution, on_nonfinite="error")
         self.model = fresh_model(config, seed)
         self.optimizer = make_optimizer()
         self.optimizer.build(self.model.trainable_variables)  # slots must exist before the first traced step
-        self.metrics = LeanMetrics() if metrics == "lean" else MetricSet("classification", NUM_CLASSES, 1.0)
+        self.metrics = MetricSet("classification", NUM_CLASSES, self.params.huber_delta)  # what train() tracks for this task
         spec = TaskSpec("classification", NUM_CLASSES)
         self.run = make_train_function(self.model, self.optimizer, spec, self.metrics, steps_per_execution=steps_per_execution, jit_compile=jit_compile)
         self.steps = steps_per_epoch(len(x), outcome.batch_size, drop_remainder)
@@ -252,7 +204,7 @@ class LoopTrainer:
         steps_before = int(self.optimizer.iterations)
         started = time.perf_counter()
         self.metrics.reset()
-        dataset = self.dataset_fn(self.x, self.y, self.outcome.batch_size, seed=self.seed, epoch=number, drop_remainder=self.drop_remainder)
+        dataset = make_dataset(self.x, self.y, self.outcome.batch_size, seed=self.seed, epoch=number, drop_remainder=self.drop_remainder)
         train_epoch(self.run, dataset, self.steps, number, self.params)  # the epoch driver tapework.training.train uses
         results = self.metrics.results()
         self.outcome.epoch_seconds.append(time.perf_counter() - started)
@@ -288,9 +240,7 @@ def variants(args: argparse.Namespace, defaults: TrainParams) -> list[tuple[str,
     if args.explore:
         rows += [
             ("c-jit-flip", f"(c) loop spe={spe} jit={not jit}", LoopTrainer, {**loop, "jit_compile": not jit}),
-            ("c-legacy-batching", "(c) loop, batching.py before its rewrite", LoopTrainer, {**loop, "dataset_fn": legacy_make_dataset}),
             ("c-drop-remainder", "(c) loop, drop_remainder", LoopTrainer, {**loop, "drop_remainder": True}),
-            ("c-metricset", "(c) loop, project MetricSet (+huber)", LoopTrainer, {**loop, "metrics": "project"}),
         ]
         if not args.determinism:  # Keras turns fit's XLA off under op determinism
             rows.append(("a-jit", "(a) fit, jit_compile=True", FitTrainer, {"steps_per_execution": 1, "jit_compile": True}))
@@ -323,7 +273,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=60000, help="training examples (default 60000)")
     parser.add_argument("--real", type=Path, metavar="PATH", help="folder with the Fashion-MNIST IDX .gz files, instead of random data")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--explore", action="store_true", help="also run the levers: XLA flipped, old batching, drop_remainder, MetricSet")
+    parser.add_argument("--explore", action="store_true", help="also run the levers: XLA flipped, drop_remainder (with --no-determinism also fit with jit_compile=True)")
     parser.add_argument("--only", default="", help="with --explore: comma-separated variant keys to keep besides a, b, c")
     parser.add_argument("--no-determinism", dest="determinism", action="store_false", help="skip tf.config.experimental.enable_op_determinism() (train() enables it)")
     parser.add_argument("--intra-op", type=int, default=0, help="intra-op threads (0: TensorFlow's default)")

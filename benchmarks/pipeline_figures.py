@@ -8,8 +8,9 @@ peak memory, and the cost of a no-op `dvc repro` against `dvc status`.
 1. Epoch time: the Fashion-MNIST IDX files (60,000 train images; the default preprocess holds
    out 10% for validation) through tapework.training.train with params.yaml's train section
    (default model and params, checkpoints and TensorBoard logs to temp folders), `--train-epochs`
-   epochs, `--train-repeats` fresh runs. Epoch time is the one train() logs (training + validation
-   + summaries; not the checkpoint save).
+   epochs, `--train-repeats` fresh runs. Epoch time is TrainResult.epoch_seconds, the time
+   train()'s epoch log line reports (training + validation; not the summaries or the checkpoint
+   save).
 2. Preprocess: raw files made by tapework.datasets.fetch_dataset from the mirror folder (with
    TAPEWORK_CACHE in a temp folder), then, in a fresh subprocess per repeat, load_raw + prepare +
    write_prepared: wall time per part, and the subprocess's peak RSS (os.wait4's ru_maxrss for
@@ -38,19 +39,13 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import machine_description  # noqa: E402
-from tapework.params import DownloadParams, load_params  # noqa: E402
-from tests.conftest import copy_project, tool_env  # noqa: E402
+from tapework.params import load_params  # noqa: E402
+from tools.machine import machine_description  # noqa: E402
+from tools.workspace import ROOT, SHARED_DATA, copy_project, tool_env  # noqa: E402
 
 # Runs in a fresh interpreter: the stage's three calls, timed, then this process's own RSS figures.
 PREPROCESS_CHILD = r"""
 import json, resource, sys, time
-sys.path.insert(0, sys.argv[1])
 def rss_kib():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
@@ -58,14 +53,14 @@ def rss_kib():
 from tapework.datasets import load_raw
 from tapework.params import load_params
 from tapework.preprocess import prepare, write_prepared
-params = load_params(sys.argv[2])
+params = load_params(sys.argv[1])
 after_imports = rss_kib()
 t0 = time.perf_counter()
-raw = load_raw("fashion_mnist", sys.argv[3], params.download.csv)
+raw = load_raw("fashion_mnist", sys.argv[2], params.download.csv)
 t1 = time.perf_counter()
 prepared = prepare(raw, params.preprocess, "fashion_mnist")
 t2 = time.perf_counter()
-write_prepared(prepared, sys.argv[4])
+write_prepared(prepared, sys.argv[3])
 t3 = time.perf_counter()
 print(json.dumps({"load_raw": t1 - t0, "prepare": t2 - t1, "write_prepared": t3 - t2, "total": t3 - t0,
                   "rss_after_imports_kib": after_imports, "self_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
@@ -89,14 +84,14 @@ def preprocess_figures(mirror: Path, work: Path, repeats: int) -> tuple[dict[str
     os.environ["TAPEWORK_CACHE"] = str(cache)  # read by tapework.download at call time
     raw_dir = work / "raw"
     started = time.perf_counter()
-    fetch_dataset(DownloadParams(dataset="fashion_mnist", mirror=str(mirror)), raw_dir)
+    fetch_dataset(load_params(ROOT / "params.yaml", {"download.dataset": "fashion_mnist", "download.mirror": str(mirror)}).download, raw_dir)
     fetch_seconds = time.perf_counter() - started
     runs = []
     prepared_dir = work / "prepared"
     for index in range(repeats):
         target = prepared_dir if index == 0 else work / f"prepared-{index}"
         process = subprocess.Popen(
-            [sys.executable, "-c", PREPROCESS_CHILD, str(ROOT), str(ROOT / "params.yaml"), str(raw_dir), str(target)],
+            [sys.executable, "-c", PREPROCESS_CHILD, str(ROOT / "params.yaml"), str(raw_dir), str(target)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -130,38 +125,18 @@ def preprocess_figures(mirror: Path, work: Path, repeats: int) -> tuple[dict[str
 # --------------------------------------------------------------------------------------------
 
 
-class _EpochLog(logging.Handler):
-    """Collects the seconds train() logs per epoch ("epoch %d/%d ... %.1fs": the last argument)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seconds: list[float] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if isinstance(record.msg, str) and record.msg.startswith("epoch ") and record.args:
-            self.seconds.append(float(record.args[-1]))
-
-
 def epoch_figures(prepared_dir: Path, work: Path, epochs: int, repeats: int) -> dict[str, Any]:
     from tapework.preprocess import load_prepared
     from tapework.training import train
 
     data = load_prepared(prepared_dir)
     params = dataclasses.replace(load_params(ROOT / "params.yaml").train, epochs=epochs)
-    handler = _EpochLog()
-    logger = logging.getLogger("tapework.training")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
     runs = []
-    try:
-        for index in range(repeats):
-            handler.seconds = []
-            started = time.perf_counter()
-            result = train(params, data, checkpoint_dir=work / f"checkpoints-{index}", log_dir=work / f"logs-{index}" if params.tensorboard else None)
-            total = time.perf_counter() - started
-            runs.append({"epoch_seconds": handler.seconds, "train_call_seconds": total, "history": result.history})
-    finally:
-        logger.removeHandler(handler)
+    for index in range(repeats):
+        started = time.perf_counter()
+        result = train(params, data, checkpoint_dir=work / f"checkpoints-{index}", log_dir=work / f"logs-{index}" if params.tensorboard else None)
+        total = time.perf_counter() - started
+        runs.append({"epoch_seconds": result.epoch_seconds, "train_call_seconds": total, "history": result.history})
     n_train = len(data.split("train")[0])
     by_epoch = [[run["epoch_seconds"][e] for run in runs if len(run["epoch_seconds"]) > e] for e in range(epochs)]
     return {

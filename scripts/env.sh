@@ -1,18 +1,36 @@
-# Sourced by the entry scripts: create .venv from the pinned lock file if missing or stale,
-# then activate it. Needs only python3.11 and a package index (PyPI or a configured mirror).
+# Sourced by the entry scripts: create .venv from a pinned lock file if missing or stale, install
+# this project into it (editable), then activate it. Needs only python3.11 and a package index
+# (PyPI or a configured mirror).
+#   TAPEWORK_LOCK=requirements-gpu.lock  picks the lock (default requirements.lock: CPU-only TensorFlow).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
-LOCK="$ROOT/requirements.lock"
-STAMP="$ROOT/.venv/.lock.sha256"
-want="$(sha256sum "$LOCK" | cut -d' ' -f1)"
-if [ ! -x "$ROOT/.venv/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
-  echo "setting up .venv from requirements.lock (one time)..." >&2
-  "$PYTHON" -m venv "$ROOT/.venv"
+LOCK_NAME="${TAPEWORK_LOCK:-requirements.lock}"
+LOCK="$ROOT/$LOCK_NAME"
+if [ ! -f "$LOCK" ]; then
+  echo "TAPEWORK_LOCK=$LOCK_NAME: no such lock file in $ROOT (requirements.lock or requirements-gpu.lock)" >&2
+  return 2 2>/dev/null || exit 2
+fi
+# Two stamps. The checkout's path and the lock's name and bytes decide the packages: a change
+# recreates .venv from scratch, so switching between the CPU and GPU locks leaves no package of
+# the other behind. pyproject.toml decides the editable install of this project: a change
+# reinstalls only that.
+LOCK_STAMP="$ROOT/.venv/.lock.sha256"
+PROJECT_STAMP="$ROOT/.venv/.pyproject.sha256"
+want_lock="$( { echo "$ROOT"; echo "$LOCK_NAME"; cat "$LOCK"; } | sha256sum | cut -d' ' -f1)"
+want_project="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+if [ ! -x "$ROOT/.venv/bin/python" ] || [ "$(cat "$LOCK_STAMP" 2>/dev/null)" != "$want_lock" ]; then
+  echo "setting up .venv from $LOCK_NAME (one time)..." >&2
+  "$PYTHON" -m venv --clear "$ROOT/.venv"
   "$ROOT/.venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$LOCK"
-  echo "$want" > "$STAMP"
+  echo "$want_lock" > "$LOCK_STAMP"
+fi
+if [ "$(cat "$PROJECT_STAMP" 2>/dev/null)" != "$want_project" ]; then
+  # --no-deps: the lock above already holds every version; pip resolves nothing here.
+  "$ROOT/.venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e "$ROOT"
+  echo "$want_project" > "$PROJECT_STAMP"
 fi
 # shellcheck disable=SC1091
 source "$ROOT/.venv/bin/activate"

@@ -1,30 +1,36 @@
-"""Stage 4: test-set metrics, per-class (or per-bin) report, plot data and a PNG summary."""
+"""DVC stage `evaluate`: test-set metrics, per-class (or per-bin) report, plot data and a PNG summary."""
 
 import logging
-from pathlib import Path
 
-import _bootstrap  # noqa: F401  (puts the project root on sys.path)
-
-from tapework.cli import run_stage
-from tapework.evaluation import evaluate_model, write_reports
-from tapework.models import load_model
+from tapework.cli import PARAMS_FILE, run_stage, stage_paths
+from tapework.evaluation import ReportPaths, evaluate_model, write_reports
+from tapework.io import file_digest, write_json
+from tapework.models import WEIGHTS_FILE, load_model
 from tapework.params import load_params
-from tapework.io import write_json
 from tapework.preprocess import load_prepared
-from tapework.provenance import file_sha256, provenance
-
-PREPARED_DIR = Path("data/prepared")
-MODEL_DIR = Path("models")
+from tapework.provenance import provenance
 
 
 def main() -> None:
-    params = load_params("params.yaml")
-    data = load_prepared(PREPARED_DIR)
-    model, _ = load_model(MODEL_DIR)
+    paths = stage_paths(
+        "evaluate",
+        prepared="the preprocess stage's folder",
+        models="the train stage's model folder",
+        history="the train stage's history TSV (for the summary PNG)",
+        metrics="output test metrics JSON",
+        provenance="output provenance JSON",
+        report="output per-class (or per-bin) TSV",
+        confusion="output confusion plot CSV",
+        predictions="output predicted-vs-actual plot CSV",
+        summary="output summary PNG",
+    )
+    params = load_params(PARAMS_FILE)
+    data = load_prepared(paths.prepared)
+    model, _ = load_model(paths.models)
     outcome = evaluate_model(model, data, params.evaluate.batch_size, params.train.huber_delta)
-    write_reports(outcome, data.meta, history_path=Path("metrics/train_history.tsv"))
-    model_hash = file_sha256(MODEL_DIR / "model.weights.npz")
-    write_json("metrics/evaluate.provenance.json", provenance(params, "evaluate", PREPARED_DIR / "meta.json", params.train.seed, model_sha256=model_hash))
+    write_reports(outcome, data.meta, paths.history, ReportPaths(paths.metrics, paths.report, paths.confusion, paths.predictions, paths.summary))
+    model_hash = file_digest(paths.models / WEIGHTS_FILE)
+    write_json(paths.provenance, provenance(params, "evaluate", paths.prepared, params.train.seed, model_sha256=model_hash))
     logging.getLogger("tapework").info("test: %s", outcome.results)
 
 

@@ -1,24 +1,19 @@
-"""Stage 2: raw files -> deterministic train/val/test arrays + meta.json (data/prepared)."""
+"""DVC stage `preprocess`: raw files -> deterministic train/val/test arrays + meta.json."""
 
 import logging
-from pathlib import Path
 
-import _bootstrap  # noqa: F401  (puts the project root on sys.path)
-
-from tapework.cli import run_stage
+from tapework.cli import PARAMS_FILE, run_stage, stage_paths
 from tapework.datasets import load_raw
 from tapework.params import load_params
 from tapework.preprocess import prepare, write_prepared
 
-RAW_DIR = Path("data/raw")
-PREPARED_DIR = Path("data/prepared")
-
 
 def main() -> None:
-    params = load_params("params.yaml")
-    raw = load_raw(params.download.dataset, RAW_DIR, params.download.csv)
+    paths = stage_paths("preprocess", raw="the download stage's folder", prepared="output folder for the arrays and meta.json")
+    params = load_params(PARAMS_FILE)
+    raw = load_raw(params.download.dataset, paths.raw, params.download.csv)
     prepared = prepare(raw, params.preprocess, params.download.dataset)
-    write_prepared(prepared, PREPARED_DIR)
+    write_prepared(prepared, paths.prepared)
     logging.getLogger("tapework").info("prepared %s: %s", params.download.dataset, prepared.meta["counts"])
 
 

@@ -1,23 +1,16 @@
-"""Stage 3: hand-written GradientTape training -> models/ + metrics/train.json + history."""
+"""DVC stage `train`: hand-written GradientTape training -> model, train metrics, history, provenance."""
 
 import logging
 import signal
-from pathlib import Path
 
-import _bootstrap  # noqa: F401  (puts the project root on sys.path)
-
-from tapework.cli import run_stage
-from tapework.io import atomic_write_text, write_json
+from tapework.cli import PARAMS_FILE, run_stage, stage_paths
+from tapework.history import write_history
+from tapework.io import write_json
 from tapework.models import save_model
 from tapework.params import load_params
 from tapework.preprocess import load_prepared
 from tapework.provenance import provenance
-from tapework.training import history_table, is_chief, train
-
-PREPARED_DIR = Path("data/prepared")
-MODEL_DIR = Path("models")
-CHECKPOINT_DIR = Path("checkpoints")
-LOG_DIR = Path("logs")
+from tapework.training import is_chief, train
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -26,22 +19,32 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main() -> None:
-    params = load_params("params.yaml")
+    paths = stage_paths(
+        "train",
+        prepared="the preprocess stage's folder",
+        models="output folder for model.json and model.weights.npz",
+        metrics="output metrics JSON (final train and kept-epoch val metrics)",
+        history="output per-epoch history TSV",
+        provenance="output provenance JSON",
+        checkpoints="folder for resumable checkpoints (not a DVC output)",
+        logs="folder for TensorBoard event files (not a DVC output)",
+    )
+    params = load_params(PARAMS_FILE)
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell starts background jobs with it ignored
         signal.signal(signum, _interrupt)
-    data = load_prepared(PREPARED_DIR)
+    data = load_prepared(paths.prepared)
     result = train(
         params.train,
         data,
-        checkpoint_dir=CHECKPOINT_DIR,
-        log_dir=LOG_DIR if params.train.tensorboard else None,
+        checkpoint_dir=paths.checkpoints,
+        log_dir=paths.logs if params.train.tensorboard else None,
     )
     if not is_chief():
         return  # multi-worker: only the chief writes outputs
-    save_model(result.model, result.config, MODEL_DIR)
-    write_json("metrics/train.json", result.summary())
-    write_json("metrics/train.provenance.json", provenance(params, "train", PREPARED_DIR / "meta.json", params.train.seed))
-    atomic_write_text("metrics/train_history.tsv", history_table(result.history))
+    save_model(result.model, result.config, paths.models)
+    write_json(paths.metrics, result.summary())
+    write_json(paths.provenance, provenance(params, "train", paths.prepared, params.train.seed))
+    write_history(paths.history, result.history)
     logging.getLogger("tapework").info("trained %d epochs; kept epoch %d", len(result.history), result.best_epoch)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,10 @@ class TrainingState:
             variable.assign(saved.numpy())
 
 
+# Where tf.train.Checkpoint keeps CheckpointStore's fingerprint variable.
+FINGERPRINT_KEY = "fingerprint/.ATTRIBUTES/VARIABLE_VALUE"
+
+
 class CheckpointStore:
     """Save/restore a TrainingState plus model/optimizer/metric variables under one directory."""
 
@@ -74,16 +79,26 @@ class CheckpointStore:
         # max_to_keep=2: the previous checkpoint survives while the next one is being written.
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.directory), max_to_keep=2)
 
-    def restore_if_compatible(self) -> bool:
-        """Restore the latest checkpoint when it belongs to this run; start clean otherwise."""
-        latest = self.manager.latest_checkpoint
+    def restore_if_compatible(self, source: str | Path | None = None) -> bool:
+        """Restore the latest checkpoint of this run (same fingerprint); returns whether one was restored.
+
+        Without `source` it reads this store's own directory and clears a checkpoint of other
+        params or data there. With `source` (a non-chief worker reading the chief's folder) it
+        only reads: a foreign or vanishing checkpoint means "start fresh", and nothing is deleted.
+        """
+        latest = self.manager.latest_checkpoint if source is None else tf.train.latest_checkpoint(str(source))
         if latest is None:
             return False
-        reader = tf.train.load_checkpoint(latest)
-        saved = reader.get_tensor("fingerprint/.ATTRIBUTES/VARIABLE_VALUE").decode()
+        try:
+            saved = tf.train.load_checkpoint(latest).get_tensor(FINGERPRINT_KEY).decode()
+        except tf.errors.NotFoundError:
+            if source is None:
+                raise
+            return False  # the chief is clearing a checkpoint of another run: it starts fresh, so do we
         if saved != self.fingerprint:
-            log.info("checkpoint in %s is from other params or data; starting fresh", self.directory)
-            self.clear()
+            if source is None:
+                log.info("checkpoint in %s is from other params or data; starting fresh", self.directory)
+                self.clear()
             return False
         self.checkpoint.restore(latest).assert_existing_objects_matched()
         return True
@@ -94,3 +109,29 @@ class CheckpointStore:
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.directory), max_to_keep=2)
+
+
+def open_store(checkpoint_dir: Path | None, chief: bool, fingerprint: str, model: keras.Model, optimizer: Any, metric_variables: list[Any], state: TrainingState) -> CheckpointStore | None:
+    """The chief saves into and resumes from `checkpoint_dir`.
+
+    A non-chief worker resumes from the chief's checkpoint too (every worker must start at the
+    same epoch) but saves into a private temporary folder, which the caller deletes when training
+    ends: it must still save, because saving reads the metrics' on-read variables, a collective
+    all workers join.
+    """
+    if checkpoint_dir is None:
+        return None
+    if chief:
+        store = CheckpointStore(checkpoint_dir, fingerprint, model, optimizer, metric_variables, state)
+        if store.restore_if_compatible():
+            log.info("resumed from %s at epoch %d", store.manager.latest_checkpoint, int(state.epoch))
+        return store
+    private = Path(tempfile.mkdtemp(prefix="tapework-worker-checkpoints-"))
+    try:
+        store = CheckpointStore(private, fingerprint, model, optimizer, metric_variables, state)
+        if store.restore_if_compatible(source=checkpoint_dir):
+            log.info("resumed from the chief's checkpoint in %s at epoch %d", checkpoint_dir, int(state.epoch))
+    except BaseException:
+        shutil.rmtree(private, ignore_errors=True)
+        raise
+    return store

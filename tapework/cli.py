@@ -1,11 +1,13 @@
-"""Shared entry-point plumbing for the stage scripts: logging and clean failure."""
+"""Shared entry-point plumbing for the stage scripts: their path arguments, logging and clean failure."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from tapework.errors import TapeworkError
 from tapework.params import ParamsError
@@ -15,6 +17,20 @@ log = logging.getLogger("tapework")
 # Exit codes: 2 = bad params or input the user must fix, 3 = training diverged, 130 = interrupted.
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+# DVC's params file; each stage validates all of it before any work.
+PARAMS_FILE = Path("params.yaml")
+
+
+def stage_paths(stage: str, **paths: str) -> argparse.Namespace:
+    """The stage's input and output paths, from its command line (`--name PATH` each, all required).
+
+    dvc.yaml is the one place these paths are written: each stage's `cmd` passes them, and its
+    `deps` and `outs` list the same paths (tests/test_dvc_yaml.py checks that they agree).
+    """
+    parser = argparse.ArgumentParser(prog=f"stages/{stage}.py", description=f"DVC stage `{stage}` (run it with `dvc repro {stage}`).")
+    for name, help_text in paths.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, metavar="PATH", help=help_text)
+    return parser.parse_args()
 
 
 def configure_logging() -> None:

@@ -1,16 +1,18 @@
-"""The data set registry, `fetch_dataset` (verified raw files -> data/raw) and `load_raw` (data/raw -> arrays)."""
+"""`fetch_dataset` (verified raw files -> data/raw) and `load_raw` (data/raw -> arrays), per file format.
+
+What each data set is (task, files, pins, classes) is its entry in tapework/catalogue.py; this
+module holds one fetch and one load function per `catalogue.FORMATS` entry.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,10 @@ import numpy as np
 from tapework import parsers
 from tapework.download import cache_path, download_file, effective_mirror, resolve_url, safe_extract, url_scheme
 from tapework.errors import DataError, DownloadError
-from tapework.io import load_npz, read_json, save_npz, sha256_file, write_json
-from tapework.params import DATASET_TASKS, IMAGE_SHAPES, CsvParams, DownloadParams, ParamsError
+from tapework.io import load_npz, read_json, save_npz, file_digest, write_json
+from tapework.catalogue import DATASETS, IDX_FILES, DatasetSpec
+from tapework.params import CsvParams, DownloadParams, ParamsError
+from tapework.preprocess import RawDataset
 
 log = logging.getLogger(__name__)
 
@@ -29,109 +33,9 @@ CSV_FILE = "data.csv"
 RERUN = "Rerun the download stage (`dvc repro download` or `python stages/download.py`)."
 
 
-@dataclass(frozen=True)
-class RemoteFile:
-    name: str  # file name in the cache, on a mirror and in data/raw
-    url: str | None  # canonical URL; None = only reachable through a mirror
-    sha256: str  # pinned SHA-256 of the canonical bytes
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    task: str | None  # None: taken from download.csv.task
-    files: tuple[RemoteFile, ...] = ()
-    class_names: tuple[str, ...] = ()
-    image_shape: tuple[int, int, int] | None = None
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: == on numpy arrays is element-wise, not a bool
-class RawDataset:
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray | None
-    y_test: np.ndarray | None
-    task: str
-    class_names: tuple[str, ...]
-    feature_names: tuple[str, ...] | None
-    image_shape: tuple[int, int, int] | None
-
-
-DIGIT_CLASSES = tuple(str(digit) for digit in range(10))
-FASHION_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
-)
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-IDX_FILES = (
-    "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
-)
 CIFAR10_DIR = "cifar-10-batches-bin"
 CIFAR10_TRAIN = tuple(f"{CIFAR10_DIR}/data_batch_{index}.bin" for index in range(1, 6))
 CIFAR10_TEST = f"{CIFAR10_DIR}/test_batch.bin"
-
-
-def _idx_files(base_url: str, pins: tuple[str, str, str, str]) -> tuple[RemoteFile, ...]:
-    return tuple(RemoteFile(name, base_url + name, pin) for name, pin in zip(IDX_FILES, pins, strict=True))
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    "digits": DatasetSpec("classification", class_names=DIGIT_CLASSES, image_shape=IMAGE_SHAPES["digits"]),
-    "diabetes": DatasetSpec("regression"),
-    # TensorFlow Datasets' MNIST source (the CVDF mirror of yann.lecun.com); pins as in TFDS's checksums.
-    "mnist": DatasetSpec(
-        "classification",
-        _idx_files(
-            "https://storage.googleapis.com/cvdf-datasets/mnist/",
-            (
-                "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-                "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-                "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-                "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-            ),
-        ),
-        DIGIT_CLASSES,
-        IMAGE_SHAPES["mnist"],
-    ),
-    # Keras' fashion_mnist.load_data() source; pins as in TFDS's / Keras' checksums.
-    "fashion_mnist": DatasetSpec(
-        "classification",
-        _idx_files(
-            "https://storage.googleapis.com/tensorflow/tf-keras-datasets/",
-            (
-                "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
-                "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
-                "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
-                "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
-            ),
-        ),
-        FASHION_CLASSES,
-        IMAGE_SHAPES["fashion_mnist"],
-    ),
-    # The *binary* release (170,052,171 bytes, MD5 c32a1d4ab5d03f1284b67883e8d87530): never unpickle network data.
-    "cifar10": DatasetSpec(
-        "classification",
-        (
-            RemoteFile(
-                "cifar-10-binary.tar.gz",
-                "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
-                "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
-            ),
-        ),
-        CIFAR10_CLASSES,
-        IMAGE_SHAPES["cifar10"],
-    ),
-    # cal_housing.data is StatLib's "houses" data (Pace & Barry 1997, https://lib.stat.cmu.edu/datasets/houses.zip)
-    # as repackaged by L. Torgo: member CaliforniaHousing/cal_housing.data of cal_housing.tgz
-    # (https://www.dcc.fc.up.pt/~ltorgo/Regression/cal_housing.tgz; scikit-learn's copy,
-    # https://ndownloader.figshare.com/files/5976036, is pinned at
-    # aaa5c9a6afe2225cc2aed2723682ae403280c4a3695a2ddda4ffb5d8215ea681).
-    # No canonical URL serves the bare file, so it is fetched only through download.mirror / TAPEWORK_MIRROR.
-    "california_housing": DatasetSpec(
-        "regression",
-        (RemoteFile("cal_housing.data", None, "a2b44dcc7e1c9091b43c4f458b25cbd1f7e8068d08edd26bc4703108d3fa6214"),),
-    ),
-    "csv": DatasetSpec(None),
-}
-BUNDLED = {"digits": "load_digits", "diabetes": "load_diabetes"}  # scikit-learn ships these: no network
 
 
 def dataset_spec(name: str) -> DatasetSpec:
@@ -149,16 +53,11 @@ def fetch_dataset(params: DownloadParams, raw_dir: Path) -> dict[str, Any]:
     name, raw_dir = params.dataset, Path(raw_dir)
     spec = dataset_spec(name)
     with _staging(raw_dir) as stage:
-        if name in BUNDLED:
-            sources = _write_bundled(name, stage)
-        elif name == "csv":
-            sources = _fetch_csv(params, stage)
-        else:
-            sources = _fetch_remote(name, spec, params, stage)
+        sources = _FORMATS[spec.format][0](spec, params, stage)
         files = sorted(path for path in stage.rglob("*") if path.is_file())
         manifest = {
             "dataset": name,
-            "files": {path.relative_to(stage).as_posix(): sha256_file(path) for path in files},
+            "files": {path.relative_to(stage).as_posix(): file_digest(path) for path in files},
             "sources": sources,
         }
         write_json(stage / MANIFEST, manifest)
@@ -191,7 +90,9 @@ def _fetch_kwargs(params: DownloadParams) -> dict[str, Any]:
     }
 
 
-def _fetch_remote(name: str, spec: DatasetSpec, params: DownloadParams, stage: Path) -> dict[str, Any]:
+def _fetch_remote(spec: DatasetSpec, params: DownloadParams, stage: Path) -> dict[str, Any]:
+    """Each pinned file, through the verified cache, into `stage` (an archive is unpacked there)."""
+    name = spec.name
     mirror = effective_mirror(params.mirror)
     sources = {}
     for remote in spec.files:
@@ -206,7 +107,7 @@ def _fetch_remote(name: str, spec: DatasetSpec, params: DownloadParams, stage: P
             )
         log.debug("fetching %s from %s", remote.name, url)
         cached = download_file(url, cache_path(remote.sha256, remote.name), remote.sha256, **_fetch_kwargs(params))
-        if name == "cifar10":
+        if spec.format == "cifar10_binary":
             _extract_cifar10(cached, stage)
         else:  # a local copy through the same verified path: hashed again on the way into data/raw
             download_file(str(cached), stage / remote.name, remote.sha256, **_fetch_kwargs(params), progress=False)
@@ -221,21 +122,22 @@ def _extract_cifar10(archive: Path, stage: Path) -> None:
         raise DataError(f"{archive}: lacks {', '.join(missing)}; not the CIFAR-10 binary release. Delete it. {RERUN}")
 
 
-def _write_bundled(name: str, stage: Path) -> dict[str, Any]:
+def _write_bundled(spec: DatasetSpec, params: DownloadParams, stage: Path) -> dict[str, Any]:
     import sklearn  # imported here: only the bundled data sets need it, and it is slow to import
     from sklearn import datasets as sk_datasets
 
-    bunch = getattr(sk_datasets, BUNDLED[name])(**({"scaled": False} if name == "diabetes" else {}))
-    if name == "digits":
+    name = spec.name
+    bunch = getattr(sk_datasets, spec.sklearn_loader)(**dict(spec.sklearn_options))
+    if spec.image_shape is not None:
         arrays = {"x": bunch.images.astype(np.uint8)[..., np.newaxis], "y": bunch.target.astype(np.int64)}
     else:
         names = np.array(bunch.feature_names, dtype=str)  # unicode array: loadable without pickle
         arrays = {"x": bunch.data.astype(np.float64), "y": bunch.target.astype(np.float64), "feature_names": names}
     save_npz(stage / f"{name}.npz", arrays)
-    return {f"{name}.npz": {"url": f"sklearn.datasets.{BUNDLED[name]}", "scikit-learn": sklearn.__version__}}
+    return {f"{name}.npz": {"url": f"sklearn.datasets.{spec.sklearn_loader}", "scikit-learn": sklearn.__version__}}
 
 
-def _fetch_csv(params: DownloadParams, stage: Path) -> dict[str, Any]:
+def _fetch_csv(spec: DatasetSpec, params: DownloadParams, stage: Path) -> dict[str, Any]:
     csv = params.csv
     if not csv.path:
         raise ParamsError("params.yaml: download.csv.path is empty: the csv data set needs a path or URL.")
@@ -248,7 +150,7 @@ def _fetch_csv(params: DownloadParams, stage: Path) -> dict[str, Any]:
     if csv.sha256 and url_scheme(csv.path) in ("http", "https"):
         source = str(download_file(csv.path, cache_path(csv.sha256, CSV_FILE), csv.sha256, **_fetch_kwargs(params)))
     download_file(source, stage / CSV_FILE, csv.sha256, **_fetch_kwargs(params), progress=False)
-    return {CSV_FILE: {"url": csv.path, "sha256": sha256_file(stage / CSV_FILE)}}
+    return {CSV_FILE: {"url": csv.path, "sha256": file_digest(stage / CSV_FILE)}}
 
 
 def load_raw(dataset: str, raw_dir: Path, csv: CsvParams) -> RawDataset:
@@ -256,7 +158,7 @@ def load_raw(dataset: str, raw_dir: Path, csv: CsvParams) -> RawDataset:
     spec = dataset_spec(dataset)
     raw_dir = Path(raw_dir)
     _verify_manifest(dataset, spec, raw_dir)
-    return _LOADERS[dataset](raw_dir, spec, csv)
+    return _FORMATS[spec.format][1](raw_dir, spec, csv)
 
 
 def _verify_manifest(dataset: str, spec: DatasetSpec, raw_dir: Path) -> None:
@@ -277,15 +179,15 @@ def _verify_manifest(dataset: str, spec: DatasetSpec, raw_dir: Path) -> None:
         file = raw_dir / name
         if not file.is_file():
             raise DataError(f"{file}: listed in {MANIFEST} but missing. {RERUN}")
-        got = sha256_file(file)
+        got = file_digest(file)
         if got != expected:
             raise DataError(
                 f"{file}: SHA-256 {got} differs from the manifest's {expected}; it changed after download. {RERUN}"
             )
 
 
-def _load_bundled(name: str, raw_dir: Path, spec: DatasetSpec, csv: CsvParams) -> RawDataset:
-    arrays = load_npz(raw_dir / f"{name}.npz")
+def _load_bundled(raw_dir: Path, spec: DatasetSpec, csv: CsvParams) -> RawDataset:
+    arrays = load_npz(raw_dir / f"{spec.name}.npz")
     names = tuple(str(item) for item in arrays["feature_names"]) if "feature_names" in arrays else None
     return RawDataset(arrays["x"], arrays["y"], None, None, spec.task or "", spec.class_names, names, spec.image_shape)
 
@@ -340,13 +242,13 @@ def _check_labels(labels: np.ndarray, spec: DatasetSpec, where: Path) -> None:
         raise DataError(f"{where}: label {int(labels.max())} outside 0..{len(spec.class_names) - 1}. {RERUN}")
 
 
-_LOADERS: dict[str, Callable[[Path, DatasetSpec, CsvParams], RawDataset]] = {
-    "digits": functools.partial(_load_bundled, "digits"),
-    "diabetes": functools.partial(_load_bundled, "diabetes"),
-    "mnist": _load_idx,
-    "fashion_mnist": _load_idx,
-    "cifar10": _load_cifar10,
-    "california_housing": _load_california,
-    "csv": _load_csv,
+Fetch = Callable[[DatasetSpec, DownloadParams, Path], dict[str, Any]]
+Load = Callable[[Path, DatasetSpec, CsvParams], RawDataset]
+# One (fetch, load) pair per catalogue.FORMATS entry.
+_FORMATS: dict[str, tuple[Fetch, Load]] = {
+    "sklearn": (_write_bundled, _load_bundled),
+    "idx": (_fetch_remote, _load_idx),
+    "cifar10_binary": (_fetch_remote, _load_cifar10),
+    "california_housing": (_fetch_remote, _load_california),
+    "csv": (_fetch_csv, _load_csv),
 }
-assert set(_LOADERS) == set(DATASETS) == set(DATASET_TASKS), "registry, loaders and params must list the same data sets"

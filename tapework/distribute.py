@@ -10,9 +10,10 @@ import os
 
 import tensorflow as tf
 
+from tapework.catalogue import STRATEGIES
+
 # Number of logical CPU devices to split the host CPU into (MirroredStrategy replicas on a CPU-only machine).
 LOGICAL_CPUS_ENV = "TAPEWORK_LOGICAL_CPUS"
-STRATEGIES = ("none", "mirrored", "multi_worker")
 
 
 def configure_logical_cpus(count: int) -> None:

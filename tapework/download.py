@@ -26,7 +26,7 @@ from urllib.parse import quote, unquote, urlsplit
 from tqdm import tqdm
 
 from tapework.errors import DataError, DownloadError
-from tapework.io import atomic_path, sha256_file
+from tapework.io import atomic_path, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def download_file(
     if not sha256 and scheme in WEB_SCHEMES:
         raise DownloadError(f"{url}: refusing an unpinned download over the network. Give the file's SHA-256 pin.")
     if dest.is_file():
-        if sha256 and sha256_file(dest) == sha256:
+        if sha256 and file_digest(dest) == sha256:
             return dest
         dest.unlink()  # stale or unverifiable: never leave it where a verified file is expected
     log.log(logging.INFO if scheme in WEB_SCHEMES else logging.DEBUG, "downloading %s", url)

@@ -15,13 +15,18 @@ from tapework.io import write_json
 from tapework.loop import Evaluator, task_spec
 from tapework.metrics import MetricSet
 from tapework.preprocess import Prepared
-from tapework.reports import per_class_report, read_history, regression_report, summary_figure, write_csv, write_table
+from tapework.history import read_history
+from tapework.reports import per_class_report, regression_report, summary_figure, write_csv, write_table
 
-METRICS_PATH = Path("metrics/evaluate.json")
-REPORT_PATH = Path("metrics/report.tsv")
-CONFUSION_PATH = Path("plots/confusion.csv")
-PREDICTIONS_PATH = Path("plots/predictions.csv")
-SUMMARY_PATH = Path("plots/summary.png")
+@dataclass(frozen=True)
+class ReportPaths:
+    """Where the evaluate stage writes; dvc.yaml names each path (its outs)."""
+
+    metrics: Path  # test metrics JSON
+    report: Path  # per-class (or per-target-bin) table
+    confusion: Path  # (actual, predicted) class-name pairs for `dvc plots`
+    predictions: Path  # (actual, predicted) values for `dvc plots` (regression)
+    summary: Path  # PNG for people who do not open `dvc plots`
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ class Outcome:
 
 def evaluate_model(model: keras.Model, data: Prepared, batch_size: int, huber_delta: float) -> Outcome:
     spec = task_spec(data.meta)
-    metrics = MetricSet(spec.task, spec.num_classes, huber_delta, with_confusion=spec.task == "classification")
+    metrics = MetricSet(spec.task, spec.num_classes, huber_delta, target_scale=spec.target_scale, with_confusion=spec.task == "classification")
     x_test, y_test = data.split("test")
     results, outputs = Evaluator(model, spec, metrics)(make_dataset(x_test, y_test, batch_size), collect_outputs=True)
     if spec.task == "classification":
@@ -46,21 +51,21 @@ def evaluate_model(model: keras.Model, data: Prepared, batch_size: int, huber_de
     return Outcome(spec.task, results, y_test, outputs, None)
 
 
-def write_reports(outcome: Outcome, meta: dict[str, Any], history_path: Path) -> None:
-    """metrics/evaluate.json, metrics/report.tsv, plots/*.csv and plots/summary.png.
+def write_reports(outcome: Outcome, meta: dict[str, Any], history_path: Path, paths: ReportPaths) -> None:
+    """The test metrics JSON, the report table, both plot CSVs and the summary PNG.
 
     Both plot CSVs are always written (DVC outputs must exist); the one that does not apply
     to the task holds only its header.
     """
-    write_json(METRICS_PATH, {"test": outcome.results})
+    write_json(paths.metrics, {"test": outcome.results})
     names = meta["class_names"]
     if outcome.task == "classification":
-        write_table(per_class_report(outcome.confusion, names), REPORT_PATH)
+        write_table(per_class_report(outcome.confusion, names), paths.report)
         pairs = pd.DataFrame({"actual": [names[i] for i in outcome.actual], "predicted": [names[i] for i in outcome.predicted]})
-        write_csv(pairs, CONFUSION_PATH)
-        write_csv(pd.DataFrame(columns=["actual", "predicted"]), PREDICTIONS_PATH)
+        write_csv(pairs, paths.confusion)
+        write_csv(pd.DataFrame(columns=["actual", "predicted"]), paths.predictions)
     else:
-        write_table(regression_report(outcome.actual, outcome.predicted), REPORT_PATH)
-        write_csv(pd.DataFrame({"actual": outcome.actual, "predicted": outcome.predicted}), PREDICTIONS_PATH)
-        write_csv(pd.DataFrame(columns=["actual", "predicted"]), CONFUSION_PATH)
-    summary_figure(read_history(history_path), outcome.task, outcome.confusion, names, outcome.actual, outcome.predicted, SUMMARY_PATH)
+        write_table(regression_report(outcome.actual, outcome.predicted), paths.report)
+        write_csv(pd.DataFrame({"actual": outcome.actual, "predicted": outcome.predicted}), paths.predictions)
+        write_csv(pd.DataFrame(columns=["actual", "predicted"]), paths.confusion)
+    summary_figure(read_history(history_path), outcome.task, outcome.confusion, names, outcome.actual, outcome.predicted, paths.summary)

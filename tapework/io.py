@@ -94,12 +94,18 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path} is not a valid array archive ({error}); re-run the stage that writes it") from None
 
 
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks (SHA-256 for pins and manifests; DVC's lock uses MD5)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as stream:
-        while chunk := stream.read(chunk_size):
+        while chunk := stream.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def stable_hash(payload: Any) -> str:
+    """SHA-256 of a JSON-able payload with sorted keys: equal content, equal hash, whatever the dict order."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 @contextlib.contextmanager

@@ -91,21 +91,6 @@ def _multi_step(step: Callable[..., Any], steps_per_execution: int, stop_on_bad:
     return run
 
 
-def _check_distributable(optimizer: keras.optimizers.Optimizer) -> None:
-    """Reject optimizer features whose Keras 3 implementation is not replica-safe."""
-    if getattr(optimizer, "inner_optimizer", None) is not None:
-        raise ValueError(
-            "mixed precision is not supported with train.distribute: Keras 3's LossScaleOptimizer judges "
-            "overflow from the first replica's un-reduced gradients only (an overflow on another replica would "
-            "be applied, and workers could disagree); set train.mixed_precision: false"
-        )
-    if any(getattr(optimizer, name, None) for name in ("clipnorm", "global_clipnorm", "clipvalue")):
-        raise ValueError(
-            "gradient clipping is not supported with train.distribute: Keras 3 clips each replica's partial "
-            "gradient before summing them, which is not the single-device clip; set train.clip_norm: 0"
-        )
-
-
 def make_train_function(
     model: keras.Model,
     optimizer: keras.optimizers.Optimizer,
@@ -122,10 +107,9 @@ def make_train_function(
     `jit_compile` compiles each step with XLA: the whole step on one device, the forward and
     backward pass under a strategy. With a strategy, `iterator` comes from a distributed
     dataset of *global* batches and every replica computes its share; the model, optimizer and
-    `metrics` must have been built in `strategy.scope()`.
+    `metrics` must have been built in `strategy.scope()`, and the optimizer must not clip or
+    scale the loss (params validation refuses both with `train.distribute`: not replica-safe).
     """
-    if strategy is not None:
-        _check_distributable(optimizer)
     loss_fn = per_example_loss(spec)
 
     def compute_gradients(inputs: Any, labels: Any, global_batch_size: Any) -> tuple[Any, Any, Any]:

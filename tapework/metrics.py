@@ -10,10 +10,11 @@ import tensorflow as tf
 
 
 class HuberMetric(keras.metrics.Metric):
-    """Mean Huber error: quadratic for |error| <= delta, linear beyond (robust to outliers).
+    """Mean Huber error: 0.5 * e^2 for |e| <= delta, delta * (|e| - 0.5 * delta) beyond.
 
-    For classification it compares softmax probabilities with one-hot labels, so it reads as a
-    calibration-sensitive error; for regression it compares predictions with targets.
+    Small errors count quadratically (like MSE / 2), large ones linearly (like MAE), so a few
+    outliers do not dominate it. `delta` is in the units of `y_true`; MetricSet sets it from
+    `train.huber_delta` (see there for what the metric measures per task).
     """
 
     def __init__(self, delta: float = 1.0, name: str = "huber", **kwargs: Any) -> None:
@@ -100,12 +101,22 @@ class ConfusionMatrix(keras.metrics.Metric):
 
 
 class MetricSet:
-    """The metrics one split tracks, and how each is fed from (labels, outputs, loss)."""
+    """The metrics one split tracks, and how each is fed from (labels, outputs, loss).
 
-    def __init__(self, task: str, num_classes: int, huber_delta: float, with_confusion: bool = False) -> None:
+    `huber_delta` (`train.huber_delta`) is in units of the target's scale:
+    * regression: standard deviations of the training target (`target_scale`). The Huber error
+      is computed on prediction - target in the target's own units, with delta = huber_delta *
+      target_scale, and reported in those units (squared units on the quadratic side).
+    * classification: probability. Per example it is the mean over classes of Huber(p_k - y_k)
+      with p the softmax and y the one-hot label, so every |error| is at most 1; errors beyond
+      delta (at 0.5: the true class given less than 1/2, or a wrong class more than 1/2) count
+      linearly. At delta >= 1 it would be the Brier score / 2K and never leave the quadratic side.
+    """
+
+    def __init__(self, task: str, num_classes: int, huber_delta: float, *, target_scale: float = 1.0, with_confusion: bool = False) -> None:
         self.task = task
         self.loss = keras.metrics.Mean(name="loss")
-        self.huber = HuberMetric(huber_delta)
+        self.huber = HuberMetric(huber_delta * (target_scale if task == "regression" else 1.0))
         if task == "classification":
             self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
             self.others = [self.accuracy]

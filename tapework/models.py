@@ -14,9 +14,13 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from tapework import catalogue
 from tapework.errors import DataError
 from tapework.io import load_npz, read_json, save_npz, write_json
 from tapework.params import TrainParams, to_plain
+
+CONFIG_FILE = "model.json"  # the builder's arguments
+WEIGHTS_FILE = "model.weights.npz"  # every model variable, deterministic bytes
 
 
 @keras.saving.register_keras_serializable(package="tapework")
@@ -64,7 +68,7 @@ def _regularizer(l2: float) -> Any:
 class MLP(keras.Model):
     """Flatten -> [Dense(relu) -> Dropout] * n -> Dense(outputs)."""
 
-    def __init__(self, standardize: Standardize, hidden_units: tuple[int, ...], dropout: float, outputs: int, l2: float, seed: int) -> None:
+    def __init__(self, standardize: Standardize, *, input_shape: tuple[int, ...], outputs: int, l2: float, seed: int, hidden_units: tuple[int, ...], dropout: float) -> None:
         super().__init__()
         self.standardize = standardize
         self.flatten = layers.Flatten()
@@ -95,9 +99,9 @@ class ResidualBlock(layers.Layer):
 
 
 class ResidualMLP(keras.Model):
-    """Flatten -> Dense(width) -> residual blocks -> head units -> classes (the project's original setup)."""
+    """Flatten -> Dense(width) -> residual blocks -> head units -> outputs."""
 
-    def __init__(self, standardize: Standardize, width: int, blocks: int, head_units: tuple[int, ...], dropout: float, outputs: int, l2: float, seed: int) -> None:
+    def __init__(self, standardize: Standardize, *, input_shape: tuple[int, ...], outputs: int, l2: float, seed: int, width: int, blocks: int, head_units: tuple[int, ...], dropout: float) -> None:
         super().__init__()
         self.standardize = standardize
         self.flatten = layers.Flatten()
@@ -116,9 +120,9 @@ class ResidualMLP(keras.Model):
 
 
 class CNN(keras.Model):
-    """[Conv3x3(relu) -> MaxPool2] per filter count -> Dense -> Dropout -> classes."""
+    """[Conv(relu) -> MaxPool2] per filter count -> Dense -> Dropout -> outputs."""
 
-    def __init__(self, standardize: Standardize, filters: tuple[int, ...], kernel_size: int, dense_units: int, dropout: float, outputs: int, l2: float, seed: int) -> None:
+    def __init__(self, standardize: Standardize, *, input_shape: tuple[int, ...], outputs: int, l2: float, seed: int, filters: tuple[int, ...], kernel_size: int, dense_units: int, dropout: float) -> None:
         super().__init__()
         self.standardize = standardize
         self.convolutions = [
@@ -144,13 +148,13 @@ class CNN(keras.Model):
 class TransformerBlock(layers.Layer):
     """Pre-norm encoder block: x + MHA(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, embed_dim: int, num_heads: int, mlp_dim: int, dropout: float, seed: int, **kwargs: Any) -> None:
+    def __init__(self, embed_dim: int, num_heads: int, mlp_dim: int, dropout: float, l2: float, seed: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.attention_norm = layers.LayerNormalization(epsilon=1e-6)
-        self.attention = layers.MultiHeadAttention(num_heads, embed_dim // num_heads, dropout=dropout, seed=seed)
+        self.attention = layers.MultiHeadAttention(num_heads, embed_dim // num_heads, dropout=dropout, seed=seed, kernel_regularizer=_regularizer(l2))
         self.mlp_norm = layers.LayerNormalization(epsilon=1e-6)
-        self.mlp_in = layers.Dense(mlp_dim, activation="gelu")
-        self.mlp_out = layers.Dense(embed_dim)
+        self.mlp_in = layers.Dense(mlp_dim, activation="gelu", kernel_regularizer=_regularizer(l2))
+        self.mlp_out = layers.Dense(embed_dim, kernel_regularizer=_regularizer(l2))
         self.dropout = Dropout(dropout, seed=seed + 1)
 
     def call(self, inputs: Any, training: bool = False) -> Any:
@@ -161,23 +165,23 @@ class TransformerBlock(layers.Layer):
 
 
 class VisionTransformer(keras.Model):
-    """Patch embedding (strided conv) + learned positions -> encoder blocks -> mean pool -> classes."""
+    """Patch embedding (strided conv) + learned positions -> encoder blocks -> mean pool -> outputs."""
 
-    def __init__(self, standardize: Standardize, image_shape: tuple[int, int, int], patch_size: int, embed_dim: int, num_heads: int, num_blocks: int, mlp_dim: int, dropout: float, outputs: int, seed: int) -> None:
+    def __init__(self, standardize: Standardize, *, input_shape: tuple[int, ...], outputs: int, l2: float, seed: int, patch_size: int, embed_dim: int, num_heads: int, num_blocks: int, mlp_dim: int, dropout: float) -> None:
         super().__init__()
-        height, width, _ = image_shape
+        height, width, _ = input_shape
         if height % patch_size or width % patch_size:
             raise ValueError(f"train.vit.patch_size = {patch_size} must divide the image size {height}x{width}")
         self.num_patches = (height // patch_size) * (width // patch_size)
         self.standardize = standardize
         # A conv with stride = kernel = patch size is exactly "split into patches + linear projection".
-        self.patchify = layers.Conv2D(embed_dim, patch_size, strides=patch_size)
+        self.patchify = layers.Conv2D(embed_dim, patch_size, strides=patch_size, kernel_regularizer=_regularizer(l2))
         self.to_sequence = layers.Reshape((self.num_patches, embed_dim))
         self.positions = layers.Embedding(self.num_patches, embed_dim)
-        self.blocks = [TransformerBlock(embed_dim, num_heads, mlp_dim, dropout, seed + 2 * index) for index in range(num_blocks)]
+        self.blocks = [TransformerBlock(embed_dim, num_heads, mlp_dim, dropout, l2, seed + 2 * index) for index in range(num_blocks)]
         self.final_norm = layers.LayerNormalization(epsilon=1e-6)
         self.pool = layers.GlobalAveragePooling1D()
-        self.head = layers.Dense(outputs, dtype="float32")
+        self.head = layers.Dense(outputs, dtype="float32", kernel_regularizer=_regularizer(l2))
 
     def call(self, inputs: Any, training: bool = False) -> Any:
         tokens = self.to_sequence(self.patchify(self.standardize(inputs)))
@@ -207,19 +211,14 @@ def build_model(config: dict[str, Any]) -> keras.Model:
     for key, value in settings.items():
         if isinstance(value, list):
             settings[key] = tuple(value)
+    family = catalogue.MODELS.get(config["model"])
+    if family is None:
+        raise ValueError(f"unknown model '{config['model']}' in model config; expected one of {', '.join(catalogue.MODELS)}")
+    builder = globals()[family.builder]  # a class of this module, named by the catalogue entry
     standardize = Standardize(config["offset"], config["scale"])
-    common = {"outputs": config["outputs"], "seed": config["seed"]}
-    name = config["model"]
-    if name == "mlp":
-        model = MLP(standardize, l2=config["l2"], **settings, **common)
-    elif name == "residual_mlp":
-        model = ResidualMLP(standardize, l2=config["l2"], **settings, **common)
-    elif name == "cnn":
-        model = CNN(standardize, l2=config["l2"], **settings, **common)
-    elif name == "vit":
-        model = VisionTransformer(standardize, tuple(config["input_shape"]), **settings, **common)
-    else:
-        raise ValueError(f"unknown model '{name}' in model config; expected mlp, residual_mlp, cnn or vit")
+    model = builder(
+        standardize, input_shape=tuple(config["input_shape"]), outputs=config["outputs"], l2=config["l2"], seed=config["seed"], **settings
+    )
     model(np.zeros((1, *config["input_shape"]), dtype="float32"))  # creates every variable
     return model
 
@@ -246,22 +245,22 @@ def assign_weights(model: keras.Model, weights: dict[str, np.ndarray]) -> None:
 
 
 def save_model(model: keras.Model, config: dict[str, Any], directory: str | Path) -> None:
-    """models/model.json (builder arguments) + models/model.weights.npz (deterministic bytes)."""
+    """CONFIG_FILE (builder arguments) + WEIGHTS_FILE (deterministic bytes) in `directory`."""
     directory = Path(directory)
-    save_npz(directory / "model.weights.npz", weights_dict(model))
-    write_json(directory / "model.json", config)
+    save_npz(directory / WEIGHTS_FILE, weights_dict(model))
+    write_json(directory / CONFIG_FILE, config)
 
 
 def load_model(directory: str | Path) -> tuple[keras.Model, dict[str, Any]]:
     """Rebuild with the project's own builder, then fill in weights: no code is deserialised."""
     directory = Path(directory)
-    for name in ("model.json", "model.weights.npz"):
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise DataError(f"{directory / name} is missing: run the train stage first (dvc repro train)")
-    config = read_json(directory / "model.json")
+    config = read_json(directory / CONFIG_FILE)
     try:
         model = build_model(config)
-        assign_weights(model, load_npz(directory / "model.weights.npz"))
+        assign_weights(model, load_npz(directory / WEIGHTS_FILE))
     except (KeyError, TypeError, ValueError) as error:
         if isinstance(error, DataError):
             raise

@@ -8,6 +8,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tapework.catalogue import OPTIMIZERS, SCHEDULES
 from tapework.params import TrainParams
 
 
@@ -19,8 +20,8 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(self, kind: str, base: float, total_steps: int, warmup_steps: int = 0, decay_rate: float = 0.5, decay_steps: int = 1, minimum: float = 0.0) -> None:
-        if kind not in ("constant", "cosine", "exponential", "step"):
-            raise ValueError(f"unknown schedule '{kind}'; expected constant, cosine, exponential or step")
+        if kind not in SCHEDULES:
+            raise ValueError(f"unknown schedule '{kind}'; expected one of {', '.join(SCHEDULES)}")
         self.kind = kind
         self.base = float(base)
         self.total_steps = max(int(total_steps), 1)
@@ -84,7 +85,7 @@ def make_optimizer(train: TrainParams, steps_per_epoch: int) -> keras.optimizers
     elif train.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=train.momentum, **clip)
     else:
-        raise ValueError(f"unknown optimizer '{train.optimizer}'; expected adam, adamw or sgd")
+        raise ValueError(f"unknown optimizer '{train.optimizer}'; expected one of {', '.join(OPTIMIZERS)}")
     if train.mixed_precision:
         # Dynamic loss scaling: grows the scale while gradients stay finite, halves it on overflow.
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)

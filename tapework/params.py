@@ -7,6 +7,7 @@ what is allowed, and no output file is touched.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -17,172 +18,150 @@ from typing import Any
 
 import yaml
 
-# Data sets the pipeline knows, with their task. `csv` takes its task from download.csv.task.
-DATASET_TASKS: dict[str, str | None] = {
-    "digits": "classification",  # scikit-learn's bundled 8x8 digits: offline default
-    "diabetes": "regression",  # scikit-learn's bundled diabetes: offline regression
-    "mnist": "classification",
-    "fashion_mnist": "classification",
-    "cifar10": "classification",
-    "california_housing": "regression",
-    "csv": None,
-}
-# Image data sets and their (height, width, channels): the only ones cnn / vit accept.
-IMAGE_SHAPES = {"digits": (8, 8, 1), "mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
-
-# Which tasks each model family can be trained for.
-MODEL_TASKS: dict[str, tuple[str, ...]] = {
-    "mlp": ("classification", "regression"),
-    "residual_mlp": ("classification",),
-    "cnn": ("classification",),
-    "vit": ("classification",),
-}
-IMAGE_MODELS = {"cnn", "vit"}
-CLASSIFICATION_MONITORS = ("val_loss", "val_accuracy", "val_huber")
-REGRESSION_MONITORS = ("val_loss", "val_mae", "val_rmse", "val_r2", "val_huber")
+from tapework import catalogue
 
 
 class ParamsError(ValueError):
     """A params.yaml problem: the message names the key, the value and the fix."""
 
 
-def _spec(default: Any = dataclasses.MISSING, *, factory: Any = None, **rules: Any) -> Any:
-    """A dataclass field carrying its validation rules (choices, min, max, ...) as metadata."""
-    if factory is not None:
-        return field(default_factory=factory, metadata=rules)
-    return field(default=default, metadata=rules)
+def _spec(**rules: Any) -> Any:
+    """A dataclass field carrying its validation rules (choices, min, max, ...) as metadata.
+
+    No defaults: params.yaml is the only place a value is set, so a deleted key is an error,
+    never a silent fallback to a second set of defaults.
+    """
+    return field(metadata=rules)
 
 
 @dataclass(frozen=True)
 class CsvParams:
-    path: str = _spec("", help="local path, file:// or http(s):// URL of a CSV file")
-    target: str = _spec("target", nonempty=True)
-    task: str = _spec("classification", choices=("classification", "regression"))
-    sha256: str = _spec("", sha256=True, help="optional pin; required for http(s) URLs")
+    path: str = _spec(help="local path, file:// or http(s):// URL of a CSV file")
+    target: str = _spec(nonempty=True)
+    task: str = _spec(choices=catalogue.TASKS)
+    sha256: str = _spec(sha256=True, help="optional pin; required for http(s) URLs")
 
 
 @dataclass(frozen=True)
 class DownloadParams:
-    dataset: str = _spec("digits", choices=tuple(DATASET_TASKS))
-    mirror: str = _spec("", help="base URL or folder replacing the canonical host; env TAPEWORK_MIRROR wins")
-    retries: int = _spec(4, min=0, max=20)
-    backoff_seconds: float = _spec(1.0, min=0.0, max=60.0)
-    timeout_seconds: float = _spec(30.0, min=0.1, max=600.0, min_exclusive=False)
-    csv: CsvParams = _spec(factory=CsvParams)
+    dataset: str = _spec(choices=tuple(catalogue.DATASETS))
+    mirror: str = _spec(help="base URL or folder replacing the canonical host; env TAPEWORK_MIRROR wins")
+    retries: int = _spec(min=0, max=20)
+    backoff_seconds: float = _spec(min=0.0, max=60.0)
+    timeout_seconds: float = _spec(min=0.1, max=600.0, min_exclusive=False)
+    csv: CsvParams = _spec()
 
 
 @dataclass(frozen=True)
 class PreprocessParams:
-    seed: int = _spec(42, min=0, max=2**31 - 1)
-    val_fraction: float = _spec(0.1, min=0.0, max=1.0, min_exclusive=True, max_exclusive=True)
-    test_fraction: float = _spec(0.2, min=0.0, max=1.0, min_exclusive=True, max_exclusive=True)
-    normalization: str = _spec("standard", choices=("standard", "minmax", "none"))
-    max_train_examples: int = _spec(0, min=0, help="0 keeps every training example")
+    seed: int = _spec(min=0, max=2**31 - 1)
+    val_fraction: float = _spec(min=0.0, max=1.0, min_exclusive=True, max_exclusive=True)
+    test_fraction: float = _spec(min=0.0, max=1.0, min_exclusive=True, max_exclusive=True)
+    normalization: str = _spec(choices=catalogue.NORMALIZATIONS)
+    max_train_examples: int = _spec(min=0, help="0 keeps every training example")
 
 
 @dataclass(frozen=True)
 class EarlyStoppingParams:
-    monitor: str = _spec("val_loss", choices=tuple(dict.fromkeys(CLASSIFICATION_MONITORS + REGRESSION_MONITORS)))
-    patience: int = _spec(0, min=0, help="0 turns early stopping off")
-    min_delta: float = _spec(0.0, min=0.0)
-    restore_best: bool = _spec(True)
+    monitor: str = _spec(choices=tuple(dict.fromkeys(name for names in catalogue.MONITORS.values() for name in names)))
+    patience: int = _spec(min=0, help="0 turns early stopping off")
+    min_delta: float = _spec(min=0.0)
+    restore_best: bool = _spec()
 
 
 @dataclass(frozen=True)
 class MlpParams:
-    hidden_units: tuple[int, ...] = _spec((128, 64), each_min=1, nonempty=True)
-    dropout: float = _spec(0.1, min=0.0, max=1.0, max_exclusive=True)
+    hidden_units: tuple[int, ...] = _spec(each_min=1, nonempty=True)
+    dropout: float = _spec(min=0.0, max=1.0, max_exclusive=True)
 
 
 @dataclass(frozen=True)
 class ResidualMlpParams:
-    width: int = _spec(256, min=1)
-    blocks: int = _spec(2, min=0)
-    head_units: tuple[int, ...] = _spec((64, 32), each_min=1)
-    dropout: float = _spec(0.0, min=0.0, max=1.0, max_exclusive=True)
+    width: int = _spec(min=1)
+    blocks: int = _spec(min=0)
+    head_units: tuple[int, ...] = _spec(each_min=1)
+    dropout: float = _spec(min=0.0, max=1.0, max_exclusive=True)
 
 
 @dataclass(frozen=True)
 class CnnParams:
-    filters: tuple[int, ...] = _spec((32, 64), each_min=1, nonempty=True)
-    kernel_size: int = _spec(3, min=1)
-    dense_units: int = _spec(128, min=1)
-    dropout: float = _spec(0.25, min=0.0, max=1.0, max_exclusive=True)
+    filters: tuple[int, ...] = _spec(each_min=1, nonempty=True)
+    kernel_size: int = _spec(min=1)
+    dense_units: int = _spec(min=1)
+    dropout: float = _spec(min=0.0, max=1.0, max_exclusive=True)
 
 
 @dataclass(frozen=True)
 class VitParams:
-    patch_size: int = _spec(4, min=1)
-    embed_dim: int = _spec(64, min=1)
-    num_heads: int = _spec(4, min=1)
-    num_blocks: int = _spec(2, min=1)
-    mlp_dim: int = _spec(128, min=1)
-    dropout: float = _spec(0.1, min=0.0, max=1.0, max_exclusive=True)
+    patch_size: int = _spec(min=1)
+    embed_dim: int = _spec(min=1)
+    num_heads: int = _spec(min=1)
+    num_blocks: int = _spec(min=1)
+    mlp_dim: int = _spec(min=1)
+    dropout: float = _spec(min=0.0, max=1.0, max_exclusive=True)
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    seed: int = _spec(42, min=0, max=2**31 - 1)
-    model: str = _spec("mlp", choices=tuple(MODEL_TASKS))
-    mlp: MlpParams = _spec(factory=MlpParams)
-    residual_mlp: ResidualMlpParams = _spec(factory=ResidualMlpParams)
-    cnn: CnnParams = _spec(factory=CnnParams)
-    vit: VitParams = _spec(factory=VitParams)
-    epochs: int = _spec(10, min=1, max=100_000)
-    batch_size: int = _spec(64, min=1)
-    drop_remainder: bool = _spec(False)
-    optimizer: str = _spec("adam", choices=("adam", "adamw", "sgd"))
-    learning_rate: float = _spec(0.001, min=0.0, max=10.0, min_exclusive=True)
-    momentum: float = _spec(0.9, min=0.0, max=1.0, max_exclusive=True)
-    weight_decay: float = _spec(0.0, min=0.0, max=1.0)
-    l2: float = _spec(0.0, min=0.0, max=1.0)
-    schedule: str = _spec("constant", choices=("constant", "cosine", "exponential", "step"))
-    warmup_epochs: int = _spec(0, min=0)
-    decay_rate: float = _spec(0.5, min=0.0, max=1.0, min_exclusive=True)
-    decay_epochs: int = _spec(1, min=1)
-    min_learning_rate: float = _spec(0.0, min=0.0)
-    clip_norm: float = _spec(0.0, min=0.0, help="0 turns global-norm clipping off")
-    label_smoothing: float = _spec(0.0, min=0.0, max=1.0, max_exclusive=True)
-    huber_delta: float = _spec(1.0, min=0.0, min_exclusive=True)
-    early_stopping: EarlyStoppingParams = _spec(factory=EarlyStoppingParams)
-    steps_per_execution: int = _spec(1, min=1, max=10_000)
-    jit_compile: bool | str = _spec("auto", choices=("auto",), help="true, false or auto (see TrainParams.use_xla)")
-    mixed_precision: bool = _spec(False)
-    on_nonfinite: str = _spec("error", choices=("error", "skip"))
-    distribute: str = _spec("none", choices=("none", "mirrored", "multi_worker"))
-    checkpoint_every: int = _spec(1, min=1)
-    tensorboard: bool = _spec(True)
-    histogram_every: int = _spec(1, min=0, help="epochs between weight histograms; 0 turns them off")
+    seed: int = _spec(min=0, max=2**31 - 1)
+    model: str = _spec(choices=tuple(catalogue.MODELS))
+    mlp: MlpParams = _spec()
+    residual_mlp: ResidualMlpParams = _spec()
+    cnn: CnnParams = _spec()
+    vit: VitParams = _spec()
+    epochs: int = _spec(min=1, max=100_000)
+    batch_size: int = _spec(min=1)
+    drop_remainder: bool = _spec()
+    optimizer: str = _spec(choices=catalogue.OPTIMIZERS)
+    learning_rate: float = _spec(min=0.0, max=10.0, min_exclusive=True)
+    momentum: float = _spec(min=0.0, max=1.0, max_exclusive=True)
+    weight_decay: float = _spec(min=0.0, max=1.0)
+    l2: float = _spec(min=0.0, max=1.0)
+    schedule: str = _spec(choices=catalogue.SCHEDULES)
+    warmup_epochs: int = _spec(min=0)
+    decay_rate: float = _spec(min=0.0, max=1.0, min_exclusive=True)
+    decay_epochs: int = _spec(min=1)
+    min_learning_rate: float = _spec(min=0.0)
+    clip_norm: float = _spec(min=0.0, help="0 turns global-norm clipping off")
+    label_smoothing: float = _spec(min=0.0, max=1.0, max_exclusive=True)
+    huber_delta: float = _spec(min=0.0, min_exclusive=True, help="in units of the target's scale (tapework/metrics.py, HuberMetric)")
+    early_stopping: EarlyStoppingParams = _spec()
+    steps_per_execution: int = _spec(min=1, max=10_000)
+    jit_compile: bool | str = _spec(choices=("auto",), help="true, false or auto (see TrainParams.use_xla)")
+    mixed_precision: bool = _spec()
+    on_nonfinite: str = _spec(choices=catalogue.NONFINITE_POLICIES)
+    distribute: str = _spec(choices=catalogue.STRATEGIES)
+    checkpoint_every: int = _spec(min=1)
+    tensorboard: bool = _spec()
+    histogram_every: int = _spec(min=0, help="epochs between weight histograms; 0 turns them off")
 
     def use_xla(self) -> bool:
         """Whether train steps are XLA-compiled: `jit_compile` resolved, `auto` by measurement.
 
-        `auto` compiles the single-device step of the MLP families, where fusing the optimizer
-        and metric updates pays (README, Performance). Not cnn: XLA has no deterministic max-pool
-        gradient, and op determinism is always on. Not vit: slower compiled on CPU (6.4 s against
-        3.9 s per 100 steps, measured). Not under a strategy, where only the forward and backward
-        pass would be compiled, which changes the numbers the distributed tests compare.
+        `auto` follows the model family's catalogue entry (`ModelFamily.xla_auto`), on one device
+        only: under a strategy just the forward and backward pass could be compiled, which
+        changes the numbers the distributed tests compare.
         """
         if self.jit_compile == "auto":
-            return self.model in ("mlp", "residual_mlp") and self.distribute == "none"
+            return catalogue.MODELS[self.model].xla_auto and self.distribute == "none"
         return bool(self.jit_compile)
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = _spec(256, min=1)
+    batch_size: int = _spec(min=1)
 
 
 @dataclass(frozen=True)
 class Params:
-    download: DownloadParams = _spec(factory=DownloadParams)
-    preprocess: PreprocessParams = _spec(factory=PreprocessParams)
-    train: TrainParams = _spec(factory=TrainParams)
-    evaluate: EvaluateParams = _spec(factory=EvaluateParams)
+    download: DownloadParams = _spec()
+    preprocess: PreprocessParams = _spec()
+    train: TrainParams = _spec()
+    evaluate: EvaluateParams = _spec()
 
     def task(self) -> str:
         """`classification` or `regression` for the configured data set."""
-        return DATASET_TASKS[self.download.dataset] or self.download.csv.task
+        return catalogue.dataset_task(self.download.dataset, self.download.csv.task)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
@@ -283,11 +262,14 @@ def build_section(cls: type, raw: Any, prefix: str) -> Any:
                 f"params.yaml: unknown key `{_join(prefix, str(key))}`.{suggestion} "
                 f"Allowed keys{f' in `{prefix}`' if prefix else ''}: {', '.join(fields)}."
             )
-    values = {}
-    for name, spec in fields.items():
-        if name in raw:
-            values[name] = _check_value(_join(prefix, name), raw[name], hints[name], dict(spec.metadata))
-    return cls(**values)
+    missing = [name for name in fields if name not in raw]
+    if missing:
+        keys = ", ".join(f"`{_join(prefix, name)}`" for name in missing)
+        raise ParamsError(
+            f"params.yaml: missing key{'s' if len(missing) > 1 else ''} {keys}. Every key must be set: "
+            "copy it from the committed params.yaml (`git show HEAD:params.yaml`)."
+        )
+    return cls(**{name: _check_value(_join(prefix, name), raw[name], hints[name], dict(spec.metadata)) for name, spec in fields.items()})
 
 
 def _join(prefix: str, name: str) -> str:
@@ -301,22 +283,19 @@ def _cross_check(params: Params) -> None:
     dataset = params.download.dataset
     if dataset == "csv" and not params.download.csv.path:
         _fail("download.csv.path", "", "the csv data set needs a path or URL")
-    if task not in MODEL_TASKS[train.model]:
-        _fail(
-            "train.model",
-            train.model,
-            f"it is a {'/'.join(MODEL_TASKS[train.model])} model but data set '{dataset}' is a {task} task; "
-            f"use one of {', '.join(m for m, tasks in MODEL_TASKS.items() if task in tasks)}",
-        )
-    if train.model in IMAGE_MODELS and dataset not in IMAGE_SHAPES:
-        _fail("train.model", train.model, f"it needs image data but '{dataset}' is tabular; use mlp or residual_mlp")
+    family, spec = catalogue.MODELS[train.model], catalogue.DATASETS[dataset]
+    if task not in family.tasks:
+        _fail("train.model", train.model, f"it serves {'/'.join(family.tasks)} but data set '{dataset}' is a {task} task")
+    if spec.input_kind not in family.inputs:
+        usable = ", ".join(name for name, other in catalogue.MODELS.items() if spec.input_kind in other.inputs)
+        _fail("train.model", train.model, f"it needs {'/'.join(family.inputs)} data but '{dataset}' is {spec.input_kind}; use {usable}")
     if train.model == "vit":
         if train.vit.embed_dim % train.vit.num_heads:
             _fail("train.vit.num_heads", train.vit.num_heads, f"must divide train.vit.embed_dim = {train.vit.embed_dim}")
-        height, width, _ = IMAGE_SHAPES[dataset]
+        height, width, _ = spec.image_shape
         if height % train.vit.patch_size or width % train.vit.patch_size:
             _fail("train.vit.patch_size", train.vit.patch_size, f"must divide the {height}x{width} images of '{dataset}'")
-    monitors = CLASSIFICATION_MONITORS if task == "classification" else REGRESSION_MONITORS
+    monitors = catalogue.MONITORS[task]
     if train.early_stopping.monitor not in monitors:
         _fail("train.early_stopping.monitor", train.early_stopping.monitor, f"for a {task} task use one of {', '.join(monitors)}")
     if task == "regression" and train.label_smoothing:
@@ -328,11 +307,11 @@ def _cross_check(params: Params) -> None:
     if train.min_learning_rate > train.learning_rate:
         _fail("train.min_learning_rate", train.min_learning_rate, f"must not exceed train.learning_rate = {train.learning_rate}")
     if train.distribute != "none" and train.clip_norm:
-        _fail("train.clip_norm", train.clip_norm, "clipping is not replica-safe in Keras 3 (it clips each replica's partial gradient); set 0 with train.distribute")
-    if train.jit_compile is True and train.model == "cnn":
-        _fail("train.jit_compile", True, "XLA has no deterministic max-pool gradient (cnn) and op determinism is always on; use auto or false")
+        _fail("train.clip_norm", train.clip_norm, "clipping is not replica-safe in Keras 3 (it clips each replica's partial gradient before they are summed, which is not the single-device clip); set 0 with train.distribute")
+    if train.jit_compile is True and not family.xla_allowed:
+        _fail("train.jit_compile", True, f"XLA cannot compile {train.model} deterministically (no deterministic max-pool gradient) and op determinism is always on; use auto or false")
     if train.distribute != "none" and train.mixed_precision:
-        _fail("train.mixed_precision", train.mixed_precision, "loss scaling is not replica-safe in Keras 3; set false with train.distribute")
+        _fail("train.mixed_precision", train.mixed_precision, "loss scaling is not replica-safe in Keras 3 (LossScaleOptimizer judges overflow from the first replica's gradients only); set false with train.distribute")
     if params.preprocess.max_train_examples and params.preprocess.max_train_examples < 2:
         _fail("preprocess.max_train_examples", params.preprocess.max_train_examples, "must be 0 (all) or at least 2")
 
@@ -344,13 +323,29 @@ def parse_params(raw: Any) -> Params:
     return params
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; raises ParamsError with a one-line fix on any problem."""
+def read_raw(path: str | Path) -> Any:
+    """params.yaml parsed but not validated (for overrides before `parse_params`)."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: not found. Run the stage from the project root, where params.yaml lives.")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML ({error}). Fix the syntax.") from None
-    return parse_params(raw)
+
+
+def with_overrides(raw: Any, changes: dict[str, Any]) -> Any:
+    """A copy of a parsed params mapping with dotted keys set (`{"train.epochs": 3}`), as `dvc exp run -S` does."""
+    raw = copy.deepcopy(raw)
+    for dotted, value in changes.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return raw
+
+
+def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate params.yaml (with optional dotted overrides); raises ParamsError with a one-line fix."""
+    return parse_params(with_overrides(read_raw(path), overrides or {}))

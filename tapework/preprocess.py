@@ -8,11 +8,13 @@ from typing import Any
 
 import numpy as np
 
+from tapework.catalogue import NORMALIZATIONS
 from tapework.errors import DataError
-from tapework.io import atomic_directory, load_array, read_json, save_array, sha256_file, write_json
+from tapework.io import atomic_directory, load_array, read_json, save_array, file_digest, write_json
 from tapework.params import PreprocessParams
 
 SPLITS = ("train", "val", "test")
+META_FILE = "meta.json"  # in the prepared folder: shapes, statistics, class names and every array's SHA-256
 
 
 def split_indices(size: int, fraction: float, seed: int, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -68,10 +70,24 @@ def normalization_stats(inputs: np.ndarray, method: str, image: bool) -> tuple[n
     elif method == "none":
         offset, scale = np.zeros(inputs.shape[-1]), np.ones(inputs.shape[-1])
     else:
-        raise ValueError(f"unknown normalization '{method}'; expected standard, minmax or none")
+        raise ValueError(f"unknown normalization '{method}'; expected one of {', '.join(NORMALIZATIONS)}")
     # A constant feature has scale 0: leave it unscaled instead of dividing by zero.
     scale = np.where(scale > 0, scale, 1.0)
     return offset.astype(np.float32), scale.astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: == on numpy arrays is element-wise, not a bool
+class RawDataset:
+    """A data set as parsed from its raw files (tapework.datasets.load_raw), before any split."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray | None  # None: no official test split; `prepare` holds one out
+    y_test: np.ndarray | None
+    task: str
+    class_names: tuple[str, ...]
+    feature_names: tuple[str, ...] | None
+    image_shape: tuple[int, int, int] | None
 
 
 @dataclass(frozen=True)
@@ -87,7 +103,7 @@ def _class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(labels, minlength=num_classes).tolist()
 
 
-def prepare(raw: Any, params: PreprocessParams, dataset: str) -> Prepared:
+def prepare(raw: RawDataset, params: PreprocessParams, dataset: str) -> Prepared:
     """Raw data set -> train/val/test arrays plus the statistics the model standardises with."""
     classification = raw.task == "classification"
     x_all, y_all = raw.x_train, raw.y_train
@@ -138,21 +154,21 @@ def write_prepared(prepared: Prepared, directory: str | Path) -> None:
         hashes = {}
         for name, array in sorted(prepared.arrays.items()):
             save_array(temp / f"{name}.npy", array)
-            hashes[f"{name}.npy"] = sha256_file(temp / f"{name}.npy")
-        write_json(temp / "meta.json", {**prepared.meta, "sha256": hashes})
+            hashes[f"{name}.npy"] = file_digest(temp / f"{name}.npy")
+        write_json(temp / META_FILE, {**prepared.meta, "sha256": hashes})
 
 
 def load_prepared(directory: str | Path, verify: bool = True) -> Prepared:
     """Read what write_prepared wrote; with `verify`, a changed or truncated array is an error."""
     directory = Path(directory)
-    meta_path = directory / "meta.json"
+    meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise DataError(f"{meta_path} is missing: run the preprocess stage first (dvc repro preprocess)")
     meta = read_json(meta_path)
     arrays = {}
     for file_name, expected in meta["sha256"].items():
         path = directory / file_name
-        if verify and (not path.is_file() or sha256_file(path) != expected):
+        if verify and (not path.is_file() or file_digest(path) != expected):
             raise DataError(f"{path} does not match the hash in meta.json: re-run the preprocess stage (dvc repro -f preprocess)")
         arrays[file_name.removesuffix(".npy")] = load_array(path)
     return Prepared(arrays, meta)

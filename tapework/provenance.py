@@ -7,19 +7,16 @@ they may differ (params, data, package versions or CPU kind).
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tapework.io import file_digest, stable_hash
 from tapework.params import Params, to_plain
+from tapework.preprocess import META_FILE
 
 PACKAGES = ("tensorflow-cpu", "tensorflow", "keras", "numpy", "pandas", "scikit-learn", "dvc")
-
-
-def stable_hash(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def package_versions() -> dict[str, str]:
@@ -47,12 +44,12 @@ def cpu_kind() -> dict[str, str]:
     return {"machine": platform.machine(), "model": model, "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16]}
 
 
-def provenance(params: Params, section: str, data_meta_path: str | Path, seed: int, **input_hashes: str) -> dict[str, Any]:
+def provenance(params: Params, section: str, prepared_dir: str | Path, seed: int, **input_hashes: str) -> dict[str, Any]:
     """Small JSON tying a metrics file to its inputs (its params section, data and other input
     hashes) and to the environment that produced it."""
     return {
         "dataset": params.download.dataset,
-        "data_sha256": file_sha256(data_meta_path),  # meta.json lists every array's hash
+        "data_sha256": file_digest(Path(prepared_dir) / META_FILE),  # meta.json lists every array's hash
         **input_hashes,
         "params_section": section,
         "params_sha256": stable_hash(to_plain(getattr(params, section))),
@@ -60,7 +57,3 @@ def provenance(params: Params, section: str, data_meta_path: str | Path, seed: i
         "packages": package_versions(),
         "cpu": cpu_kind(),
     }
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -108,7 +108,3 @@ def summary_figure(history: pd.DataFrame, task: str, confusion: np.ndarray | Non
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def read_history(path: str | Path) -> pd.DataFrame:
-    return pd.read_csv(path, sep="\t")
-
-

@@ -1,16 +1,13 @@
-"""The epoch loop around the compiled steps: data order, validation, early stopping,
-checkpoints, TensorBoard, non-finite detection. The steps themselves live in loop.py."""
+"""The epoch loop around the compiled steps: data order, validation, non-finite detection, and
+the calls into checkpoints, early stopping and TensorBoard. The steps themselves live in loop.py."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +18,18 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from tapework.batching import make_dataset, steps_per_epoch
-from tapework.checkpoint import CheckpointStore, TrainingState
+from tapework.checkpoint import TrainingState, open_store
 from tapework.distribute import configure_logical_cpus_from_env, distribute_dataset, is_chief, make_strategy
+from tapework.early_stopping import EarlyStopping
 from tapework.errors import NonFiniteLossError
 from tapework.loop import Evaluator, make_train_function, task_spec
 from tapework.metrics import MetricSet
 from tapework.models import build_model, model_config
 from tapework.optim import current_learning_rate, make_optimizer
-from tapework.params import TrainParams, to_plain
+from tapework.params import TrainParams
 from tapework.preprocess import Prepared
+from tapework.runs import run_fingerprint, run_id
+from tapework.tensorboard import SummaryWriters
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,6 @@ def configure_determinism(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()  # picks deterministic kernels, fixes reduction order
 
 
-
-def fingerprint(train: TrainParams, meta: dict[str, Any]) -> str:
-    """Identifies (params, data) so a checkpoint is only ever resumed by the run that wrote it."""
-    payload = json.dumps({"train": to_plain(train), "data": meta}, sort_keys=True)  # meta holds the array hashes
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
 @dataclass
 class TrainResult:
     model: keras.Model
@@ -54,6 +47,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     best_epoch: int
     stopped_early: bool
+    epoch_seconds: list[float]  # wall time of each epoch this process ran: training, validation, summaries
 
     def summary(self) -> dict[str, Any]:
         """metrics/train.json: final train metrics and the val metrics of the kept weights."""
@@ -66,93 +60,6 @@ class TrainResult:
             "best_epoch": self.best_epoch,
             "stopped_early": self.stopped_early,
         }
-
-
-class _Monitor:
-    """Early stopping: is this epoch's monitored value an improvement?"""
-
-    def __init__(self, name: str, min_delta: float) -> None:
-        self.name = name
-        self.min_delta = min_delta
-        # Loss-like metrics improve downwards; accuracy and R^2 upwards.
-        self.sign = -1.0 if name in ("val_accuracy", "val_r2") else 1.0
-
-    def score(self, row: dict[str, Any]) -> float:
-        return self.sign * row[self.name]
-
-    def improved(self, row: dict[str, Any], best: float) -> bool:
-        return self.score(row) < best - self.min_delta
-
-
-def _summaries(log_dir: Path | None) -> dict[str, Any]:
-    if log_dir is None:
-        return {}
-    return {split: tf.summary.create_file_writer(str(log_dir / split)) for split in ("train", "val")}
-
-
-def _write_summaries(writers: dict[str, Any], row: dict[str, Any], model: keras.Model, epoch: int, histograms: bool) -> None:
-    if not writers:
-        return
-    for split, writer in writers.items():
-        with writer.as_default(step=epoch):
-            for key, value in row.items():
-                if key.startswith(f"{split}_"):
-                    tf.summary.scalar(key.removeprefix(f"{split}_"), value)
-            if split == "train":
-                tf.summary.scalar("learning_rate", row["learning_rate"])
-                if histograms:
-                    for variable in model.trainable_variables:
-                        tf.summary.histogram(variable.path, variable.value)
-        writer.flush()
-
-
-def _close_summaries(writers: dict[str, Any]) -> None:
-    for writer in writers.values():
-        writer.close()
-
-
-# Where tf.train.Checkpoint keeps CheckpointStore's fingerprint variable.
-_FINGERPRINT_KEY = "fingerprint/.ATTRIBUTES/VARIABLE_VALUE"
-
-
-def _restore_from_chief(store: CheckpointStore, chief_dir: Path) -> bool:
-    """Restore the chief's latest checkpoint into a non-chief worker's objects, read-only (never clears it)."""
-    latest = tf.train.latest_checkpoint(str(chief_dir))
-    if latest is None:
-        return False
-    try:
-        saved = tf.train.load_checkpoint(latest).get_tensor(_FINGERPRINT_KEY).decode()
-    except tf.errors.NotFoundError:
-        return False  # the chief is clearing a checkpoint of another run: it starts fresh, so do we
-    if saved != store.fingerprint:
-        return False
-    store.checkpoint.restore(latest).assert_existing_objects_matched()
-    return True
-
-
-def _checkpoint_store(checkpoint_dir: Path | None, chief: bool, run_fingerprint: str, model: keras.Model, optimizer: Any, metrics: MetricSet, state: TrainingState) -> CheckpointStore | None:
-    """The chief saves into and resumes from `checkpoint_dir`.
-
-    A non-chief worker resumes from the chief's checkpoint too (every worker must start at the
-    same epoch) but saves into a private temporary folder, deleted when training ends: it must
-    still save, because saving reads the metrics' on-read variables, a collective all workers join.
-    """
-    if checkpoint_dir is None:
-        return None
-    if chief:
-        store = CheckpointStore(checkpoint_dir, run_fingerprint, model, optimizer, metrics.variables(), state)
-        if store.restore_if_compatible():
-            log.info("resumed from %s at epoch %d", store.manager.latest_checkpoint, int(state.epoch))
-        return store
-    private = Path(tempfile.mkdtemp(prefix="tapework-worker-checkpoints-"))
-    try:
-        store = CheckpointStore(private, run_fingerprint, model, optimizer, metrics.variables(), state)
-        if _restore_from_chief(store, checkpoint_dir):
-            log.info("resumed from the chief's checkpoint in %s at epoch %d", checkpoint_dir, int(state.epoch))
-    except BaseException:
-        shutil.rmtree(private, ignore_errors=True)
-        raise
-    return store
 
 
 def train_epoch(train_function: Any, dataset: Any, steps: int, epoch: int, train_params: TrainParams) -> int:
@@ -186,7 +93,7 @@ def train(
 
     `stop_after_epochs` ends the process-level run early (tests use it to simulate a crash).
     Under `train.distribute: multi_worker` every worker calls this with the same arguments; only
-    the chief writes checkpoints and TensorBoard logs (see `_checkpoint_store`).
+    the chief writes checkpoints and TensorBoard logs (see `checkpoint.open_store`).
     """
     configure_logical_cpus_from_env()  # first: TF fixes its device list when it initialises
     strategy = make_strategy(train_params.distribute)  # MultiWorkerMirroredStrategy must precede other TF ops
@@ -211,9 +118,9 @@ def train(
         model = build_model(config)
         optimizer = make_optimizer(train_params, steps)
         optimizer.build(model.trainable_variables)  # slots must exist before the first traced step
-        train_metrics = MetricSet(spec.task, spec.num_classes, train_params.huber_delta)
+        train_metrics = MetricSet(spec.task, spec.num_classes, train_params.huber_delta, target_scale=spec.target_scale)
     # Validation runs outside replica context on plain (local) metric variables; it reads the mirrored weights.
-    val_metrics = MetricSet(spec.task, spec.num_classes, train_params.huber_delta)
+    val_metrics = MetricSet(spec.task, spec.num_classes, train_params.huber_delta, target_scale=spec.target_scale)
     evaluator = Evaluator(model, spec, val_metrics, train_params.steps_per_execution)
     train_function = make_train_function(
         model,
@@ -226,16 +133,16 @@ def train(
         strategy=strategy,
     )
     state = TrainingState(model)
-    store = _checkpoint_store(checkpoint_dir, chief, fingerprint(train_params, meta), model, optimizer, train_metrics, state)
-    monitor = _Monitor(train_params.early_stopping.monitor, train_params.early_stopping.min_delta)
-    patience = train_params.early_stopping.patience
-    writers = _summaries(log_dir) if chief else {}
+    log.info("run %s", run_id(train_params, meta))
+    # A checkpoint is only ever resumed by the run that wrote it: same params, data and code.
+    store = open_store(checkpoint_dir, chief, run_fingerprint(train_params, meta), model, optimizer, train_metrics.variables(), state)
+    stopping = EarlyStopping(train_params.early_stopping, state)
+    writers = SummaryWriters(log_dir if chief else None)
     val_dataset = make_dataset(x_val, y_val, train_params.batch_size)
-    stopped_early = False
-    epochs_this_process = 0
+    epoch_seconds: list[float] = []
     try:
         # A resumed run that had already stopped early must not start training again.
-        while int(state.epoch) < train_params.epochs and not (patience > 0 and int(state.epochs_without_improvement) >= patience):
+        while int(state.epoch) < train_params.epochs and not stopping.should_stop():
             epoch = int(state.epoch) + 1
             started = time.perf_counter()
             train_metrics.reset()
@@ -252,7 +159,12 @@ def train(
             row.update({f"val_{key}": value for key, value in val_results.items()})
             if not all(math.isfinite(value) for value in row.values()):
                 raise NonFiniteLossError(f"epoch {epoch} produced non-finite metrics {row}; nothing was written")
+            state.epoch.assign(epoch)
+            state.append_history(row)
+            stop = stopping.update(row, model)
+            writers.write(row, model, epoch, bool(train_params.histogram_every) and epoch % max(train_params.histogram_every, 1) == 0)
             seconds = time.perf_counter() - started
+            epoch_seconds.append(seconds)
             log.info(
                 "epoch %d/%d  %s  lr %.3g  %.1fs",
                 epoch,
@@ -261,44 +173,17 @@ def train(
                 row["learning_rate"],
                 seconds,
             )
-            state.epoch.assign(epoch)
-            state.append_history(row)
-            if monitor.improved(row, float(state.best_value)):
-                state.best_value.assign(monitor.score(row))
-                state.best_epoch.assign(epoch)
-                state.epochs_without_improvement.assign(0)
-                state.remember_best(model)
-            else:
-                state.epochs_without_improvement.assign_add(1)
-            _write_summaries(writers, row, model, epoch, bool(train_params.histogram_every) and epoch % max(train_params.histogram_every, 1) == 0)
-            stop = patience > 0 and int(state.epochs_without_improvement) >= patience
             if store is not None and (epoch % train_params.checkpoint_every == 0 or stop or epoch == train_params.epochs):
                 store.save(epoch)
-            epochs_this_process += 1
             if stop:
-                stopped_early = True
-                log.info("early stopping at epoch %d: %s has not improved for %d epochs", epoch, monitor.name, patience)
+                log.info("early stopping at epoch %d: %s has not improved for %d epochs", epoch, stopping.params.monitor, stopping.params.patience)
                 break
-            if stop_after_epochs is not None and epochs_this_process >= stop_after_epochs:
+            if stop_after_epochs is not None and len(epoch_seconds) >= stop_after_epochs:
                 break
     finally:
-        _close_summaries(writers)
+        writers.close()
         if store is not None and not chief:
             shutil.rmtree(store.directory, ignore_errors=True)
     history = state.history
-    best_epoch = int(state.best_epoch) if patience > 0 else len(history)
-    if patience > 0 and train_params.early_stopping.restore_best:
-        state.restore_best(model)
-    elif patience > 0:
-        best_epoch = len(history)
-    stopped_early = stopped_early or (patience > 0 and int(state.epochs_without_improvement) >= patience)
-    return TrainResult(model, config, history, best_epoch, stopped_early)
-
-
-def history_table(history: list[dict[str, Any]]) -> str:
-    """Per-epoch history as TSV (no wall-clock columns, so identical runs give identical bytes)."""
-    columns = list(history[0])
-    lines = ["\t".join(columns)]
-    for row in history:
-        lines.append("\t".join(repr(row[column]) if isinstance(row[column], float) else str(row[column]) for column in columns))
-    return "\n".join(lines) + "\n"
+    best_epoch = stopping.finish(model, len(history))
+    return TrainResult(model, config, history, best_epoch, stopping.should_stop(), epoch_seconds)

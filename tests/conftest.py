@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
+import shlex
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tapework.params import Params, load_params
+from tools.workspace import ROOT, SHARED_DATA, copy_project, run, tool_env, update_params  # noqa: F401  (shared with the tests)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+
+
+def make_params(changes: dict[str, object] | None = None) -> Params:
+    """The committed params.yaml with dotted-key `changes`, validated: tests run the settings `dvc repro` runs."""
+    return load_params(ROOT / "params.yaml", changes)
+
+
+def stage_command(name: str, repo: Path = ROOT) -> list[str]:
+    """The `cmd` of stage `name` in the repo's dvc.yaml, run with this interpreter."""
+    words = shlex.split(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][name]["cmd"])
+    return [sys.executable, *words[1:]] if words[0] == "python" else words
 
 
 def shared_data(name: str) -> Path:
@@ -26,35 +35,6 @@ def shared_data(name: str) -> Path:
     if not folder.is_dir():
         pytest.fail(f"{folder} is missing: the real data sets must sit in ../shared/data beside the project")
     return folder
-
-
-def tool_env(**extra: str) -> dict[str, str]:
-    """Environment for subprocesses: this interpreter's bin first, so `python` and `dvc` are ours."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("TAPEWORK_MIRROR", None)
-    env.pop("TAPEWORK_LOGICAL_CPUS", None)
-    env.update(extra)
-    return env
-
-
-def run(command: list[str], cwd: Path, check: bool = True, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=cwd, env=tool_env(**env), capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
-
-
-def update_params(path: Path, changes: dict[str, object]) -> None:
-    """Set dotted keys (e.g. 'train.epochs') in a params.yaml."""
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in changes.items():
-        node = params
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 TINY_PARAMS = {
@@ -75,32 +55,6 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("TAPEWORK_LOGICAL_CPUS", raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # never send loopback requests to a proxy
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
-def copy_project(target: Path, params_changes: dict[str, object] | None = None) -> Path:
-    """The project's tracked and unignored files copied into `target`, a fresh git repo with one commit.
-
-    The committed results (dvc.lock, metrics, plots) belong to the default run, so the copy starts
-    without them: its first `dvc repro` runs every stage.
-    """
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
-    for name in files:
-        source = ROOT / name
-        if source.is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target / name)
-    for generated in ("dvc.lock", "metrics", "plots"):
-        path = target / generated
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    if params_changes:
-        update_params(target / "params.yaml", params_changes)
-    run(["git", "init", "-q"], target)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], target)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"], target)
-    return target
 
 
 @pytest.fixture

@@ -19,18 +19,18 @@ import json
 import logging
 import os
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 from sklearn.datasets import load_diabetes, load_digits  # noqa: E402
 
-from tapework.params import parse_params  # noqa: E402
-from tapework.preprocess import Prepared, prepare  # noqa: E402
+from tapework.params import load_params  # noqa: E402
+from tapework.preprocess import Prepared, RawDataset, prepare  # noqa: E402
+
+PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 
 BATCH_SIZE = 32
 # Classification: 249 examples, so the last global batch (25) splits unevenly (13 + 12) over 2 replicas.
@@ -44,15 +44,14 @@ def tiny_data(task: str) -> Prepared:
     if task == "classification":
         digits = load_digits()
         images = digits.images.astype(np.uint8)[..., None]
-        raw = types.SimpleNamespace(x_train=images, y_train=digits.target, class_names=tuple(map(str, range(10))), feature_names=None, image_shape=(8, 8, 1))
+        raw = RawDataset(images, digits.target, None, None, task, tuple(map(str, range(10))), None, (8, 8, 1))
         dataset = "digits"
     else:
         diabetes = load_diabetes()
         features = diabetes.data.astype(np.float32)
-        raw = types.SimpleNamespace(x_train=features, y_train=diabetes.target, class_names=(), feature_names=tuple(diabetes.feature_names), image_shape=None)
+        raw = RawDataset(features, diabetes.target, None, None, task, (), tuple(diabetes.feature_names), None)
         dataset = "diabetes"
-    raw.task, raw.x_test, raw.y_test = task, None, None
-    preprocess = parse_params({"download": {"dataset": dataset}, "preprocess": {"max_train_examples": EXAMPLES[task]}}).preprocess
+    preprocess = load_params(PARAMS_FILE, {"download.dataset": dataset, "preprocess.max_train_examples": EXAMPLES[task]}).preprocess
     return prepare(raw, preprocess, dataset)
 
 
@@ -68,19 +67,21 @@ def train_tiny(
 ) -> Any:
     """A tiny MLP (dropout 0, so replicas and a single device see the same function) for `epochs` epochs."""
     dataset = "digits" if task == "classification" else "diabetes"
-    raw_params = {
-        "download": {"dataset": dataset},
-        "train": {
-            "epochs": epochs,
-            "batch_size": BATCH_SIZE,
-            "learning_rate": 0.01,
-            "mlp": {"hidden_units": [32], "dropout": 0.0},
-            "steps_per_execution": steps_per_execution,
-            "distribute": distribute,
-            "histogram_every": 1,
+    train_params = load_params(
+        PARAMS_FILE,
+        {
+            "download.dataset": dataset,
+            "train.model": "mlp",
+            "train.epochs": epochs,
+            "train.batch_size": BATCH_SIZE,
+            "train.learning_rate": 0.01,
+            "train.mlp.hidden_units": [32],
+            "train.mlp.dropout": 0.0,
+            "train.steps_per_execution": steps_per_execution,
+            "train.distribute": distribute,
+            "train.histogram_every": 1,
         },
-    }
-    train_params = parse_params(raw_params).train
+    ).train
     from tapework.training import train  # imported late: nothing may touch TF before train() configures devices
 
     return train(train_params, tiny_data(task), checkpoint_dir=checkpoint_dir, log_dir=log_dir, stop_after_epochs=stop_after_epochs)

@@ -18,7 +18,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -28,9 +27,8 @@ import tapework.preprocess as preprocess_module
 from tapework.errors import DataError
 from tapework.io import save_npz
 from tapework.models import build_model, load_model, save_model
-from tapework.params import PreprocessParams
 from tapework.preprocess import load_prepared, prepare, write_prepared
-from tests.conftest import run, shared_data, tool_env, update_params
+from tests.conftest import make_params, run, shared_data, stage_command, tool_env, update_params
 from tests.test_loop import tiny_mlp
 from tests.test_preprocess import fake_images
 
@@ -87,7 +85,7 @@ def test_model_config_naming_an_unknown_family_is_refused(tmp_path):
 
 def test_failed_write_keeps_the_previous_prepared_folder_intact(tmp_path, monkeypatch):
     target = tmp_path / "prepared"
-    write_prepared(prepare(fake_images(seed=1), PreprocessParams(), "fake"), target)
+    write_prepared(prepare(fake_images(seed=1), make_params().preprocess, "fake"), target)
     before = {path.name: path.read_bytes() for path in target.iterdir()}
     calls = []
 
@@ -100,7 +98,7 @@ def test_failed_write_keeps_the_previous_prepared_folder_intact(tmp_path, monkey
     original = preprocess_module.save_array
     monkeypatch.setattr(preprocess_module, "save_array", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        write_prepared(prepare(fake_images(seed=2), PreprocessParams(), "fake"), target)
+        write_prepared(prepare(fake_images(seed=2), make_params().preprocess, "fake"), target)
     assert {path.name: path.read_bytes() for path in target.iterdir()} == before
     assert [path.name for path in tmp_path.iterdir()] == ["prepared"]  # no partial folder left
     load_prepared(target)
@@ -110,15 +108,15 @@ def test_folder_left_by_a_killed_run_is_cleared_on_the_next_write(tmp_path):
     stale = tmp_path / ".prepared.abc123.partial"
     stale.mkdir()
     (stale / "x_train.npy").write_bytes(b"half")
-    write_prepared(prepare(fake_images(), PreprocessParams(), "fake"), tmp_path / "prepared")
+    write_prepared(prepare(fake_images(), make_params().preprocess, "fake"), tmp_path / "prepared")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["prepared"]
 
 
 @pytest.mark.slow
 def test_sigkill_during_preprocess_never_leaves_a_trusted_partial_output(repo_copy):
     update_params(repo_copy / "params.yaml", {"download.dataset": "fashion_mnist", "download.mirror": str(shared_data("fashion-mnist")), "preprocess.max_train_examples": 0})
-    run([sys.executable, "stages/download.py"], repo_copy)
-    process = subprocess.Popen([sys.executable, "stages/preprocess.py"], cwd=repo_copy, env=tool_env(), stderr=subprocess.DEVNULL)
+    run(stage_command("download", repo_copy), repo_copy)
+    process = subprocess.Popen(stage_command("preprocess", repo_copy), cwd=repo_copy, env=tool_env(), stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     # Kill once the stage has started writing (its temp folder exists), i.e. mid-output.
     while not list((repo_copy / "data").glob(".prepared.*.partial")):
@@ -127,7 +125,7 @@ def test_sigkill_during_preprocess_never_leaves_a_trusted_partial_output(repo_co
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (repo_copy / "data/prepared").exists()
-    run([sys.executable, "stages/preprocess.py"], repo_copy)
+    run(stage_command("preprocess", repo_copy), repo_copy)
     assert load_prepared(repo_copy / "data/prepared").meta["counts"]["test"] == 10000
     assert not list((repo_copy / "data").glob(".prepared.*"))
 
@@ -136,14 +134,14 @@ def test_sigkill_during_preprocess_never_leaves_a_trusted_partial_output(repo_co
 def test_diverging_run_exits_3_naming_epoch_and_step_and_writes_nothing(repo_copy):
     update_params(repo_copy / "params.yaml", {"download.dataset": "diabetes", "train.optimizer": "sgd", "train.learning_rate": 10.0, "train.momentum": 0.99})
     run(["dvc", "repro", "preprocess"], repo_copy)
-    result = run([sys.executable, "stages/train.py"], repo_copy, check=False)
+    result = run(stage_command("train", repo_copy), repo_copy, check=False)
     assert result.returncode == 3
     assert "error: non-finite loss at epoch 1, step 4" in result.stderr
     assert not (repo_copy / "models").exists() and not (repo_copy / "metrics").exists()
     # on_nonfinite: skip drops the bad steps, but the weights it kept already blow up validation:
     # the run is still refused rather than written as a result.
     update_params(repo_copy / "params.yaml", {"train.on_nonfinite": "skip", "train.epochs": 1})
-    skipped = run([sys.executable, "stages/train.py"], repo_copy, check=False)
+    skipped = run(stage_command("train", repo_copy), repo_copy, check=False)
     assert skipped.returncode == 3
     assert re.search(r"epoch 1: skipped [1-9]\d* step\(s\) with a non-finite loss", skipped.stderr)
     assert "error: epoch 1 produced non-finite metrics" in skipped.stderr
@@ -156,13 +154,13 @@ def test_tampered_raw_or_prepared_data_is_refused_by_the_next_stage(repo_copy):
     raw = repo_copy / "data/raw/digits.npz"
     original = raw.read_bytes()
     raw.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
-    result = run([sys.executable, "stages/preprocess.py"], repo_copy, check=False)
+    result = run(stage_command("preprocess", repo_copy), repo_copy, check=False)
     assert result.returncode == 2 and "digits.npz" in result.stderr
     raw.write_bytes(original)
     array = repo_copy / "data/prepared/x_test.npy"
     array.write_bytes(array.read_bytes()[:-5])
     for stage in ("train", "evaluate"):
-        result = run([sys.executable, f"stages/{stage}.py"], repo_copy, check=False)
+        result = run(stage_command(stage, repo_copy), repo_copy, check=False)
         assert result.returncode == 2 and "x_test.npy does not match the hash in meta.json" in result.stderr, result.stderr
 
 

@@ -15,12 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from http_server import FaultServer
 
-from tapework import datasets
-from tapework.datasets import DATASETS, RemoteFile, fetch_dataset, load_raw
+from tapework import catalogue, datasets
+from tapework.catalogue import DATASETS, RemoteFile
+from tapework.datasets import fetch_dataset, load_raw
 from tapework.errors import DataError, DownloadError
-from tapework.params import DATASET_TASKS, IMAGE_SHAPES, CsvParams, DownloadParams, ParamsError
+from tapework.params import CsvParams, DownloadParams, ParamsError, read_raw, with_overrides
+from tests.conftest import make_params, stage_command
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +40,12 @@ def shared(folder: str) -> Path:
 
 def params(dataset: str, **overrides: object) -> DownloadParams:
     fast = {"retries": 2, "backoff_seconds": 0.01, "timeout_seconds": 5.0}
-    return DownloadParams(dataset=dataset, **{**fast, **overrides})
+    return dataclasses.replace(make_params().download, dataset=dataset, **{**fast, **overrides})
+
+
+def csv_settings(**changes: str) -> CsvParams:
+    """download.csv from the committed params.yaml with `changes`."""
+    return dataclasses.replace(make_params().download.csv, **changes)
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -71,11 +79,14 @@ def tiny_mnist(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
 # --- registry ---------------------------------------------------------------------------------
 
 
-def test_registry_matches_params() -> None:
-    assert list(DATASETS) == list(DATASET_TASKS)
+def test_catalogue_entries_are_complete() -> None:
+    """Every data set has a known format with a fetch and a load function, and sound pins."""
     for name, spec in DATASETS.items():
-        assert spec.task == DATASET_TASKS[name], name
-        assert spec.image_shape == IMAGE_SHAPES.get(name), name
+        assert spec.name == name
+        assert spec.format in catalogue.FORMATS and spec.format in datasets._FORMATS, name
+        assert spec.task in (*catalogue.TASKS, None), name
+        assert (spec.sklearn_loader is not None) == (spec.format == "sklearn"), name
+        assert (spec.target_name is not None) == (spec.task == "regression"), name
         assert len(spec.class_names) == (10 if spec.task == "classification" else 0), name
         for remote in spec.files:
             assert len(remote.sha256) == 64 and int(remote.sha256, 16) >= 0, remote
@@ -99,7 +110,7 @@ def test_digits_is_offline_uint8_images_and_byte_identical_across_runs(tmp_path:
     second = fetch_dataset(params("digits"), tmp_path / "b" / "raw")
     assert first == second and tree(tmp_path / "a" / "raw") == tree(tmp_path / "b" / "raw")
     assert sorted(tree(tmp_path / "a" / "raw")) == ["digits.npz", "manifest.json"]
-    raw = load_raw("digits", tmp_path / "a" / "raw", CsvParams())
+    raw = load_raw("digits", tmp_path / "a" / "raw", csv_settings())
     assert raw.x_train.shape == (1797, 8, 8, 1) and raw.x_train.dtype == np.uint8 and raw.x_train.max() == 16
     assert raw.y_train.dtype == np.int64 and set(raw.y_train) == set(range(10))
     assert raw.x_test is None and raw.y_test is None
@@ -108,7 +119,7 @@ def test_digits_is_offline_uint8_images_and_byte_identical_across_runs(tmp_path:
 
 def test_diabetes_is_offline_float_regression(tmp_path: Path) -> None:
     fetch_dataset(params("diabetes"), tmp_path / "raw")
-    raw = load_raw("diabetes", tmp_path / "raw", CsvParams())
+    raw = load_raw("diabetes", tmp_path / "raw", csv_settings())
     assert raw.x_train.shape == (442, 10) and raw.x_train.dtype == np.float64
     assert raw.y_train.dtype == np.float64 and raw.task == "regression" and raw.class_names == ()
     assert raw.feature_names[:4] == ("age", "sex", "bmi", "bp") and raw.image_shape is None
@@ -128,7 +139,7 @@ def test_real_mnist_through_an_http_mirror_then_from_cache(tmp_path: Path) -> No
     assert tree(tmp_path / "one" / "raw") == tree(tmp_path / "two" / "raw")
     assert manifest["files"]["train-images-idx3-ubyte.gz"] == DATASETS["mnist"].files[0].sha256
     assert manifest["sources"]["train-images-idx3-ubyte.gz"]["url"].startswith("https://storage.googleapis.com/")
-    raw = load_raw("mnist", tmp_path / "one" / "raw", CsvParams())
+    raw = load_raw("mnist", tmp_path / "one" / "raw", csv_settings())
     assert raw.x_train.shape == (60000, 28, 28, 1) and raw.x_test.shape == (10000, 28, 28, 1)
     assert raw.x_train.dtype == np.uint8 and raw.y_train.dtype == np.int64
     assert np.bincount(raw.y_train).tolist() == MNIST_TRAIN_COUNTS
@@ -139,7 +150,7 @@ def test_real_fashion_mnist_through_an_http_mirror(tmp_path: Path) -> None:
     with FaultServer() as server:
         server.add_folder("/fashion", shared("fashion-mnist"))
         fetch_dataset(params("fashion_mnist", mirror=server.url + "/fashion"), tmp_path / "raw")
-    raw = load_raw("fashion_mnist", tmp_path / "raw", CsvParams())
+    raw = load_raw("fashion_mnist", tmp_path / "raw", csv_settings())
     assert raw.x_train.shape == (60000, 28, 28, 1) and raw.x_test.shape == (10000, 28, 28, 1)
     assert np.bincount(raw.y_train).tolist() == [6000] * 10
     assert np.bincount(raw.y_test).tolist() == [1000] * 10
@@ -151,7 +162,7 @@ def test_real_california_housing_through_a_local_mirror(tmp_path: Path, style: s
     folder = shared("california-housing")
     mirror = folder.as_uri() if style == "file_url" else str(folder)
     fetch_dataset(params("california_housing", mirror=mirror), tmp_path / "raw")
-    raw = load_raw("california_housing", tmp_path / "raw", CsvParams())
+    raw = load_raw("california_housing", tmp_path / "raw", csv_settings())
     assert raw.x_train.shape == (20640, 8) and raw.y_train.shape == (20640,) and raw.x_test is None
     assert raw.task == "regression" and raw.feature_names[0] == "longitude" and raw.image_shape is None
 
@@ -170,7 +181,7 @@ def test_env_mirror_overrides_the_params_mirror(tmp_path: Path, monkeypatch: pyt
         monkeypatch.setenv("TAPEWORK_MIRROR", server.url + "/env")
         fetch_dataset(params("mnist", mirror=str(tmp_path / "no-such-folder")), tmp_path / "raw")
         assert server.requests() == 4
-    raw = load_raw("mnist", tmp_path / "raw", CsvParams())
+    raw = load_raw("mnist", tmp_path / "raw", csv_settings())
     assert raw.x_train.shape == (6, 4, 4, 1) and raw.y_test.tolist() == [5, 6, 7]
 
 
@@ -188,22 +199,22 @@ def test_failed_fetch_leaves_previous_raw_dir_untouched(tmp_path: Path, monkeypa
         with pytest.raises(DownloadError, match="HTTP 404"):
             fetch_dataset(params("mnist", mirror=server.url + "/elsewhere"), tmp_path / "new" / "raw")
     assert not (tmp_path / "new" / "raw").exists()
-    load_raw("mnist", raw_dir, CsvParams())
+    load_raw("mnist", raw_dir, csv_settings())
 
 
 def test_load_raw_verifies_the_manifest(tmp_path: Path) -> None:
     raw_dir = tmp_path / "raw"
     with pytest.raises(DataError, match="manifest.json: not found.*download stage"):
-        load_raw("digits", raw_dir, CsvParams())
+        load_raw("digits", raw_dir, csv_settings())
     fetch_dataset(params("digits"), raw_dir)
     with pytest.raises(DataError, match="holds data set 'digits' but download.dataset is 'diabetes'"):
-        load_raw("diabetes", raw_dir, CsvParams())
+        load_raw("diabetes", raw_dir, csv_settings())
     npz = raw_dir / "digits.npz"
     data = bytearray(npz.read_bytes())
     data[-100] ^= 0xFF
     npz.write_bytes(bytes(data))
     with pytest.raises(DataError, match="digits.npz: SHA-256 .* differs from the manifest"):
-        load_raw("digits", raw_dir, CsvParams())
+        load_raw("digits", raw_dir, csv_settings())
 
 
 # --- CIFAR-10 (generated archive in the real binary layout) -------------------------------------
@@ -212,7 +223,7 @@ def test_load_raw_verifies_the_manifest(tmp_path: Path) -> None:
 def cifar_archive(path: Path, per_batch: int = 2, extra: tuple[str, bytes] | None = None) -> tuple[Path, dict]:
     """A small cifar-10-binary.tar.gz with the real member layout; returns it and the HWC images per batch."""
     rng = np.random.default_rng(1)
-    members: dict[str, bytes] = {"cifar-10-batches-bin/batches.meta.txt": "\n".join(datasets.CIFAR10_CLASSES).encode()}
+    members: dict[str, bytes] = {"cifar-10-batches-bin/batches.meta.txt": "\n".join(catalogue.CIFAR10_CLASSES).encode()}
     images = {}
     for index, name in enumerate([*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]):
         batch = rng.integers(0, 256, (per_batch, 32, 32, 3), dtype=np.uint8)
@@ -249,7 +260,7 @@ def test_cifar10_binary_archive_is_extracted_and_parsed(tmp_path: Path, monkeypa
         assert server.requests() == 2
     assert "cifar-10-batches-bin/data_batch_5.bin" in manifest["files"]
     assert "cifar-10-binary.tar.gz" not in manifest["files"] and "cifar-10-binary.tar.gz" in manifest["sources"]
-    raw = load_raw("cifar10", tmp_path / "raw", CsvParams())
+    raw = load_raw("cifar10", tmp_path / "raw", csv_settings())
     assert raw.x_train.shape == (10, 32, 32, 3) and raw.x_test.shape == (2, 32, 32, 3)
     assert raw.x_train.dtype == np.uint8 and raw.y_train.dtype == np.int64
     np.testing.assert_array_equal(raw.x_train[:2], images["data_batch_1"][0])
@@ -269,7 +280,7 @@ def test_cifar10_archive_escaping_its_folder_is_refused(tmp_path: Path, monkeypa
 
 
 def csv_params(path: str, **csv: str) -> DownloadParams:
-    return params("csv", csv=CsvParams(path=path, **csv))
+    return params("csv", csv=csv_settings(path=path, **csv))
 
 
 def test_csv_local_classification_with_text_labels(tmp_path: Path) -> None:
@@ -277,7 +288,7 @@ def test_csv_local_classification_with_text_labels(tmp_path: Path) -> None:
     table.write_text("a,b,species\n1,2,setosa\n3,4,virginica\n5,6,setosa\n")
     manifest = fetch_dataset(csv_params(str(table), target="species"), tmp_path / "raw")
     assert manifest["files"]["data.csv"] == sha(table.read_bytes())
-    raw = load_raw("csv", tmp_path / "raw", CsvParams(path=str(table), target="species"))
+    raw = load_raw("csv", tmp_path / "raw", csv_settings(path=str(table), target="species"))
     assert raw.x_train.dtype == np.float64 and raw.x_train.shape == (3, 2) and raw.feature_names == ("a", "b")
     assert raw.y_train.tolist() == [0, 1, 0] and raw.y_train.dtype == np.int64
     assert raw.class_names == ("setosa", "virginica") and raw.task == "classification"
@@ -305,28 +316,41 @@ def test_csv_classification_rejects_fractional_targets(tmp_path: Path) -> None:
     table.write_text("a,y\n1,0.5\n2,1.0\n")
     fetch_dataset(csv_params(table.as_uri(), target="y"), tmp_path / "raw")
     with pytest.raises(DataError, match="non-integer values; set download.csv.task: regression"):
-        load_raw("csv", tmp_path / "raw", CsvParams(path=str(table), target="y"))
+        load_raw("csv", tmp_path / "raw", csv_settings(path=str(table), target="y"))
 
 
 # --- the stage script ---------------------------------------------------------------------------
 
 
-def run_stage(workdir: Path, params_yaml: str) -> subprocess.CompletedProcess[str]:
-    (workdir / "params.yaml").write_text(params_yaml)
-    env = {**os.environ, "TAPEWORK_CACHE": str(workdir / "cache")}
-    script = REPO / "stages" / "download.py"
-    return subprocess.run([sys.executable, str(script)], cwd=workdir, env=env, capture_output=True, text=True, timeout=60)
+def run_stage(workdir: Path, dataset: str) -> subprocess.CompletedProcess[str]:
+    """The download stage's dvc.yaml command in `workdir`, with the committed params.yaml naming `dataset`."""
+    (workdir / "params.yaml").write_text(yaml.safe_dump(with_overrides(read_raw(REPO / "params.yaml"), {"download.dataset": dataset})))
+    env = {**os.environ, "TAPEWORK_CACHE": str(workdir / "cache"), "PYTHONPATH": str(REPO)}  # `-m stages.download` from elsewhere
+    return subprocess.run(stage_command("download"), cwd=workdir, env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_download_stage_fetches_digits(tmp_path: Path) -> None:
-    result = run_stage(tmp_path, "download:\n  dataset: digits\n")
+    result = run_stage(tmp_path, "digits")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "data" / "raw").iterdir()) == ["digits.npz", "manifest.json"]
     assert "digits" in result.stderr
 
 
 def test_download_stage_rejects_bad_params_before_any_work(tmp_path: Path) -> None:
-    result = run_stage(tmp_path, "download:\n  dataset: mnits\n")
+    result = run_stage(tmp_path, "mnits")
     assert result.returncode == 2
     assert "download.dataset" in result.stderr and "mnist" in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_catalogue_formats_and_loaders_agree() -> None:
+    assert set(catalogue.FORMATS) == set(datasets._FORMATS)
+
+
+def test_adding_a_data_set_is_one_catalogue_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new data set in a known format (here: MNIST's files under another name) needs nothing but its entry."""
+    monkeypatch.setitem(catalogue.DATASETS, "mnist_again", dataclasses.replace(DATASETS["mnist"], name="mnist_again"))
+    download = dataclasses.replace(params("mnist"), dataset="mnist_again", mirror=str(shared("mnist")))
+    fetch_dataset(download, tmp_path / "raw")
+    raw = load_raw("mnist_again", tmp_path / "raw", csv_settings())
+    assert raw.x_train.shape == (60000, 28, 28, 1) and raw.class_names == catalogue.DIGIT_CLASSES

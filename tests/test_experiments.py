@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tapework.gate import flatten, lock_outs
+from tools.repro_gate.compare import flatten, lock_outs
 from tests.conftest import run, tool_env, update_params
 
 METRICS_FILES = {"metrics/train.json", "metrics/evaluate.json"}

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tapework.params import Params, ParamsError, load_params, parse_params
+from tapework.params import Params, ParamsError, TrainParams, load_params, parse_params, read_raw, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = read_raw(ROOT / "params.yaml")
 
 # key -> bad values (each must be rejected with a message naming the key)
 BAD_VALUES = {
@@ -89,7 +90,6 @@ BAD_VALUES = {
 # Cross-key rules: (changes, key named in the error)
 BAD_COMBINATIONS = [
     ({"download.dataset": "california_housing", "train.model": "cnn"}, "train.model"),
-    ({"download.dataset": "diabetes", "train.model": "residual_mlp"}, "train.model"),
     ({"download.dataset": "diabetes", "train.model": "vit"}, "train.model"),
     ({"download.dataset": "csv", "download.csv.path": ""}, "download.csv.path"),
     ({"download.dataset": "csv", "download.csv.path": "x.csv", "download.csv.task": "regression", "train.model": "cnn"}, "train.model"),
@@ -105,18 +105,15 @@ BAD_COMBINATIONS = [
     ({"train.distribute": "multi_worker", "train.mixed_precision": True}, "train.mixed_precision"),
     ({"train.model": "cnn", "train.jit_compile": True}, "train.jit_compile"),
     ({"download.dataset": "digits", "train.model": "cnn", "train.cnn.filters": [8, 8, 8, 8, 8]}, None),
+    # Every model family serves both tasks where its input kind fits the data.
+    ({"download.dataset": "diabetes", "train.model": "residual_mlp", "train.early_stopping.monitor": "val_loss"}, None),
+    ({"download.dataset": "california_housing", "train.model": "residual_mlp"}, None),
 ]
 
 
 def nested(changes):
-    raw = {}
-    for dotted, value in changes.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return raw
+    """The committed params.yaml with `changes` (dotted keys) applied, as `dvc exp run -S` would."""
+    return with_overrides(COMMITTED, changes)
 
 
 def all_keys(cls=Params, prefix=""):
@@ -157,7 +154,7 @@ def test_cross_key_rules(changes, key):
 
 def test_unknown_key_suggests_the_closest_name():
     with pytest.raises(ParamsError, match=r"unknown key `train\.learning_rat`\. Did you mean `train\.learning_rate`\?"):
-        parse_params({"train": {"learning_rat": 0.1}})
+        parse_params(nested({"train.learning_rat": 0.1}))
     with pytest.raises(ParamsError, match=r"Did you mean `preprocess`\?"):
         parse_params({"preproces": {}})
 
@@ -184,7 +181,7 @@ def _lookup(raw, dotted):
 
 
 def test_integral_floats_are_accepted_for_integers_and_ints_for_floats():
-    params = parse_params({"train": {"epochs": 3.0, "learning_rate": 1}})
+    params = parse_params(nested({"train.epochs": 3.0, "train.learning_rate": 1}))
     assert params.train.epochs == 3 and isinstance(params.train.epochs, int)
     assert params.train.learning_rate == 1.0 and isinstance(params.train.learning_rate, float)
 
@@ -216,3 +213,35 @@ def test_jit_compile_auto_resolves_by_model_and_strategy(changes, expected):
         section, key = dotted.split(".")
         raw[section][key] = value
     assert parse_params(raw).train.use_xla() is expected
+
+
+@pytest.mark.parametrize("key", ["train.epochs", "train.early_stopping.patience", "download.csv.sha256", "evaluate"])
+def test_a_deleted_key_is_an_error_not_a_silent_default(key):
+    raw = nested({})
+    *parents, leaf = key.split(".")
+    node = raw
+    for name in parents:
+        node = node[name]
+    del node[leaf]
+    with pytest.raises(ParamsError, match=rf"missing key `{key.replace('.', '[.]')}`.*git show HEAD:params.yaml"):
+        parse_params(raw)
+
+
+def test_params_classes_carry_no_defaults():
+    """params.yaml is the only source of values: the dataclasses cannot be built without them."""
+    with pytest.raises(TypeError, match="missing"):
+        TrainParams()
+    pending, seen = [Params], []
+    while pending:
+        cls = pending.pop()
+        seen.append(cls)
+        assert all(field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING for field in dataclasses.fields(cls)), cls
+        pending.extend(hint for hint in typing.get_type_hints(cls).values() if dataclasses.is_dataclass(hint))
+    assert len(seen) == 11  # Params, its four sections, csv, early_stopping and the four model sections
+
+
+def test_overrides_apply_dotted_keys_to_a_copy():
+    changed = with_overrides(COMMITTED, {"train.epochs": 2, "train.mlp.dropout": 0.5})
+    assert changed["train"]["epochs"] == 2 and changed["train"]["mlp"]["dropout"] == 0.5
+    assert COMMITTED["train"]["epochs"] != 2 or COMMITTED["train"]["mlp"]["dropout"] != 0.5
+    assert load_params(ROOT / "params.yaml", {"train.epochs": 2}).train.epochs == 2

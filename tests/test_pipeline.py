@@ -4,13 +4,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run, tool_env, update_params
+from tests.conftest import run, stage_command, tool_env, update_params
 
 STAGES = ("download", "preprocess", "train", "evaluate")
 OUTPUTS = ("metrics/train.json", "metrics/evaluate.json", "metrics/train.provenance.json", "metrics/evaluate.provenance.json", "metrics/train_history.tsv", "metrics/report.tsv", "models/model.weights.npz", "models/model.json", "plots/confusion.csv", "plots/predictions.csv", "plots/summary.png")
@@ -79,7 +78,7 @@ def test_dvc_repro_end_to_end_skip_diff_and_bitwise_rerun(repo_copy):
 def test_bad_params_fail_before_any_work_and_touch_nothing(repo_copy):
     update_params(repo_copy / "params.yaml", {"train.batch_size": 0})
     for stage in STAGES:
-        result = run([sys.executable, f"stages/{stage}.py"], repo_copy, check=False)
+        result = run(stage_command(stage, repo_copy), repo_copy, check=False)
         assert result.returncode == 2, (stage, result.stderr)
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert lines == ["error: params.yaml: train.batch_size = 0 is invalid: must be >= 1. Fix `train.batch_size` in params.yaml."]
@@ -88,7 +87,7 @@ def test_bad_params_fail_before_any_work_and_touch_nothing(repo_copy):
 
 
 def _start_train(repo: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "stages/train.py"], cwd=repo, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(stage_command("train", repo), cwd=repo, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -104,7 +103,7 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> No
 def test_killed_train_resumes_to_bitwise_identical_result(repo_copy, kill):
     update_params(repo_copy / "params.yaml", {"train.epochs": 30, "train.mlp.dropout": 0.3, "train.schedule": "cosine"})
     run(["dvc", "repro", "preprocess"], repo_copy)
-    run([sys.executable, "stages/train.py"], repo_copy)
+    run(stage_command("train", repo_copy), repo_copy)
     reference = {name: (repo_copy / name).read_bytes() for name in ("models/model.weights.npz", "metrics/train.json", "metrics/train_history.tsv")}
     for name in ("checkpoints", "models", "metrics"):
         subprocess.run(["rm", "-rf", str(repo_copy / name)], check=True)
@@ -120,7 +119,7 @@ def test_killed_train_resumes_to_bitwise_identical_result(repo_copy, kill):
         assert "interrupted" in stderr
     assert not (repo_copy / "models").exists() and not (repo_copy / "metrics").exists()  # nothing half-written
 
-    resumed = run([sys.executable, "stages/train.py"], repo_copy)
+    resumed = run(stage_command("train", repo_copy), repo_copy)
     assert "resumed from" in resumed.stderr
     for name, data in reference.items():
         assert (repo_copy / name).read_bytes() == data, f"{name} differs after resume"

@@ -2,7 +2,6 @@
 
 import hashlib
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -10,8 +9,8 @@ import pytest
 from tapework.batching import epoch_permutation, make_dataset, steps_per_epoch
 from tapework.errors import DataError
 from tapework.optim import WarmupSchedule
-from tapework.params import PreprocessParams
-from tapework.preprocess import load_prepared, normalization_stats, prepare, split_indices, subsample, write_prepared
+from tapework.preprocess import RawDataset, load_prepared, normalization_stats, prepare, split_indices, subsample, write_prepared
+from tests.conftest import make_params
 
 
 def test_split_is_deterministic_disjoint_and_complete():
@@ -71,26 +70,14 @@ def test_chunked_standard_stats_equal_one_float64_pass(monkeypatch, chunk_values
     np.testing.assert_allclose(scale, values.std(axis=axes).astype(np.float32), rtol=1e-6)
 
 
-@dataclass(frozen=True)
-class FakeRaw:
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray | None
-    y_test: np.ndarray | None
-    task: str
-    class_names: tuple
-    feature_names: tuple | None
-    image_shape: tuple | None
-
-
 def fake_images(count=200, seed=0):
     rng = np.random.default_rng(seed)
-    return FakeRaw(rng.integers(0, 256, (count, 4, 4, 1), dtype=np.uint8), rng.integers(0, 3, count), None, None, "classification", ("a", "b", "c"), None, (4, 4, 1))
+    return RawDataset(rng.integers(0, 256, (count, 4, 4, 1), dtype=np.uint8), rng.integers(0, 3, count), None, None, "classification", ("a", "b", "c"), None, (4, 4, 1))
 
 
 def test_prepare_uses_train_split_statistics_only_and_is_byte_identical(tmp_path):
     raw = fake_images()
-    params = PreprocessParams(seed=3, val_fraction=0.25, test_fraction=0.2)
+    params = make_params({"preprocess.seed": 3, "preprocess.val_fraction": 0.25, "preprocess.test_fraction": 0.2}).preprocess
     first = prepare(raw, params, "fake")
     assert first.meta["counts"] == {"train": 120, "val": 40, "test": 40}
     assert first.arrays["x_train"].dtype == np.uint8 and first.arrays["y_train"].dtype == np.int32
@@ -105,7 +92,7 @@ def test_prepare_uses_train_split_statistics_only_and_is_byte_identical(tmp_path
 
 
 def test_load_prepared_rejects_a_corrupted_array(tmp_path):
-    write_prepared(prepare(fake_images(), PreprocessParams(), "fake"), tmp_path / "p")
+    write_prepared(prepare(fake_images(), make_params().preprocess, "fake"), tmp_path / "p")
     target = tmp_path / "p" / "x_train.npy"
     target.write_bytes(target.read_bytes()[:-10])
     with pytest.raises(DataError, match="re-run the preprocess stage"):
@@ -116,8 +103,8 @@ def test_load_prepared_rejects_a_corrupted_array(tmp_path):
 
 def test_regression_targets_get_offset_and_scale():
     rng = np.random.default_rng(0)
-    raw = FakeRaw(rng.normal(size=(100, 3)), rng.normal(50, 5, 100), None, None, "regression", (), ("a", "b", "c"), None)
-    prepared = prepare(raw, PreprocessParams(), "fake")
+    raw = RawDataset(rng.normal(size=(100, 3)), rng.normal(50, 5, 100), None, None, "regression", (), ("a", "b", "c"), None)
+    prepared = prepare(raw, make_params().preprocess, "fake")
     targets = prepared.arrays["y_train"].astype(np.float64)
     assert prepared.meta["target"]["offset"] == pytest.approx(targets.mean(), rel=1e-6)
     assert prepared.arrays["x_train"].dtype == np.float32

@@ -3,17 +3,16 @@ California housing from a mirror folder, the offline regression set, and a user 
 
 import csv
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import run, shared_data, update_params
+from tests.conftest import run, shared_data, stage_command, update_params
 from tests.http_server import FaultServer
 
 
 def stage(repo, name, **env):
-    return run([sys.executable, f"stages/{name}.py"], repo, **env)
+    return run(stage_command(name, repo), repo, **env)
 
 
 @pytest.mark.slow

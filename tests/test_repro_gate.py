@@ -1,5 +1,5 @@
-"""Reproducibility gate (tapework/gate.py, scripts/repro_gate.py): the comparison as pure functions
-on dicts, then once end to end on a tiny committed copy of the repo."""
+"""Reproducibility gate (tools/repro_gate, `python -m tools.repro_gate`): the comparison as pure
+functions on dicts, then once end to end on a tiny committed copy of the repo."""
 
 import json
 import sys
@@ -8,9 +8,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tapework import gate
-from tapework.gate import MISSING, METRIC_ABS_TOLERANCE, choose_mode, compare, is_drift, lock_inputs, lock_outs, merge_metrics, metrics_files, render
+from tapework.io import file_digest
 from tests.conftest import ROOT, run, update_params
+from tools.repro_gate.compare import (
+    MISSING,
+    METRIC_ABS_TOLERANCE,
+    choose_mode,
+    compare,
+    compare_metric,
+    is_drift,
+    lock_inputs,
+    lock_outs,
+    merge_metrics,
+    metrics_files,
+    render,
+    status_rows,
+)
 
 CPU = {"machine": "x86_64", "model": "Some CPU", "flags_sha256": "0123456789abcdef"}
 
@@ -39,6 +52,21 @@ def make_lock() -> dict:
     }
 
 
+# `dvc status --json` in a fresh clone of a commit whose dvc.lock matches make_lock(): the clone
+# has no DVC cache, so cached outputs are "not in cache" and the deps they feed are "deleted".
+FRESH_CLONE_STATUS = {
+    "preprocess": [{"changed outs": {"data/prepared": "not in cache"}}],
+    "train": [{"changed deps": {"data/prepared": "deleted"}}, {"changed outs": {"models": "not in cache"}}],
+}
+
+
+def with_status(stage: str, entry: dict) -> dict:
+    """FRESH_CLONE_STATUS with one more `dvc status` entry for `stage`."""
+    status = json.loads(json.dumps(FRESH_CLONE_STATUS))
+    status.setdefault(stage, []).append(entry)
+    return status
+
+
 METRICS = {"metrics/train.json": {"val": {"loss": 0.0718932, "accuracy": 0.979021}, "epochs_run": 20, "stopped_early": False}}
 
 
@@ -60,9 +88,9 @@ def set_out(lock: dict, path: str, md5: str) -> dict:
     return lock
 
 
-def rows_for(mode: str, fresh_lock: dict | None = None, fresh_metrics: dict | None = None, committed_files: dict | None = None):
+def rows_for(mode: str, fresh_lock: dict | None = None, fresh_metrics: dict | None = None, status: dict | None = None, committed_md5: dict | None = None):
     metrics = merge_metrics({}, METRICS, fresh_metrics if fresh_metrics is not None else METRICS)
-    return compare(make_lock(), fresh_lock or make_lock(), metrics, mode, committed_files)
+    return compare(make_lock(), fresh_lock or make_lock(), metrics, mode, status if status is not None else FRESH_CLONE_STATUS, committed_md5)
 
 
 def fatal_names(rows) -> list[str]:
@@ -71,7 +99,7 @@ def fatal_names(rows) -> list[str]:
 
 @pytest.mark.parametrize("mode", ["exact", "tolerant"])
 def test_identical_runs_pass_in_both_modes(mode):
-    rows = rows_for(mode, committed_files={"metrics/train.json": "5" * 32})
+    rows = rows_for(mode)
     assert not is_drift(rows) and all(row.same for row in rows)
     assert {row.section for row in rows} == {"inputs", "committed", "outs", "metrics"}
     text = render(rows, mode, "test")
@@ -149,7 +177,15 @@ def test_stale_lock_inputs_are_drift_in_both_modes(mode):
     fresh = make_lock()
     fresh["stages"]["train"]["deps"][1]["md5"] = "9" * 32  # stages/train.py changed after the lock was written
     fresh["stages"]["train"]["params"]["params.yaml"]["train"]["epochs"] = 3
-    rows = rows_for(mode, fresh_lock=fresh)
+    # What dvc status prints for that in the clone (shape of real dvc 3.67 output).
+    status = {
+        **FRESH_CLONE_STATUS,
+        "train": [
+            {"changed deps": {"stages/train.py": "modified", "data/prepared": "deleted", "params.yaml": {"train": "modified"}}},
+            {"changed outs": {"models": "not in cache"}},
+        ],
+    }
+    rows = rows_for(mode, fresh_lock=fresh, status=status)
     assert fatal_names(rows) == ["params.yaml:train (train)", "stages/train.py (train)"]
     text = render(rows, mode, "test")
     assert "committed dvc.lock is stale" in text and "(4 more entries, all the same)" in text
@@ -157,22 +193,137 @@ def test_stale_lock_inputs_are_drift_in_both_modes(mode):
 
     # Outputs of a stale stage differ as a consequence: the hint says so instead of "nondeterminism".
     set_out(fresh, "models", "f" * 32 + ".dir")
-    text = render(compare(make_lock(), fresh, merge_metrics({}, METRICS, METRICS), mode), mode, "test")
+    text = render(compare(make_lock(), fresh, merge_metrics({}, METRICS, METRICS), mode, status), mode, "test")
     assert ("expected while the lock is stale" in text) == (mode == "exact")
 
 
 def test_committed_file_that_does_not_match_the_lock_is_drift():
-    rows = rows_for("tolerant", committed_files={"metrics/train.json": "e" * 32})
+    status = with_status("train", {"changed outs": {"metrics/train.json": "modified"}})
+    rows = rows_for("tolerant", status=status, committed_md5={"metrics/train.json": "e" * 32})
     assert fatal_names(rows) == ["metrics/train.json"]
-    assert "committed file does not match dvc.lock" in render(rows, "tolerant", "test")
+    text = render(rows, "tolerant", "test")
+    assert "committed file does not match dvc.lock" in text
+    assert "! metrics/train.json" in text and "555555555555…" in text and "eeeeeeeeeeee…" in text  # lock md5, committed bytes' md5
+    assert "hint: a committed output does not match the committed dvc.lock" in text
+
+
+def test_committed_section_holds_the_git_held_outputs_only():
+    # Cached outputs are "not in cache" in a fresh clone: the outputs comparison checks them.
+    rows = rows_for("exact")
+    assert [row.name for row in rows if row.section == "committed"] == ["metrics/train.json"]
+    assert "(1 entries, all the same)" in render(rows, "exact", "test")
+
+
+def test_committed_file_missing_from_the_commit_is_drift():
+    status = with_status("train", {"changed outs": {"metrics/train.json": "deleted"}})
+    rows = rows_for("exact", status=status)
+    assert fatal_names(rows) == ["metrics/train.json"]
+    assert "missing in the commit" in render(rows, "exact", "test")
+
+
+# Real `dvc status --json` output of dvc 3.67, in a fresh clone of a tiny committed run of this
+# project (no DVC cache there), before `dvc repro`.
+REAL_STATUS_CONSISTENT = {
+    "download": [{"changed outs": {"data/raw": "not in cache"}}],
+    "preprocess": [{"changed deps": {"data/raw": "deleted"}}, {"changed outs": {"data/prepared": "not in cache"}}],
+    "train": [{"changed deps": {"data/prepared": "deleted"}}, {"changed outs": {"models": "not in cache"}}],
+    "evaluate": [{"changed deps": {"data/prepared": "deleted", "models": "deleted"}}],
+}
+# After editing stages/train.py, train.epochs in params.yaml, and test.accuracy in the committed
+# metrics/evaluate.json.
+REAL_STATUS_STAGE_PARAM_METRICS = {
+    "download": [{"changed outs": {"data/raw": "not in cache"}}],
+    "preprocess": [{"changed deps": {"data/raw": "deleted"}}, {"changed outs": {"data/prepared": "not in cache"}}],
+    "train": [
+        {"changed deps": {"stages/train.py": "modified", "data/prepared": "deleted", "params.yaml": {"train": "modified"}}},
+        {"changed outs": {"models": "not in cache"}},
+    ],
+    "evaluate": [{"changed deps": {"data/prepared": "deleted", "models": "deleted"}}, {"changed outs": {"metrics/evaluate.json": "modified"}}],
+}
+# After deleting the committed metrics/report.tsv and editing tapework/io.py (a dep of every stage).
+REAL_STATUS_DELETED_OUT_SHARED_DEP = {
+    "download": [{"changed deps": {"tapework/io.py": "modified"}}, {"changed outs": {"data/raw": "not in cache"}}],
+    "preprocess": [{"changed deps": {"tapework/io.py": "modified", "data/raw": "deleted"}}, {"changed outs": {"data/prepared": "not in cache"}}],
+    "train": [{"changed deps": {"tapework/io.py": "modified", "data/prepared": "deleted"}}, {"changed outs": {"models": "not in cache"}}],
+    "evaluate": [
+        {"changed deps": {"tapework/io.py": "modified", "data/prepared": "deleted", "models": "deleted"}},
+        {"changed outs": {"metrics/report.tsv": "deleted"}},
+    ],
+}
+# After changing evaluate's cmd in dvc.yaml.
+REAL_STATUS_COMMAND = {
+    "download": [{"changed outs": {"data/raw": "not in cache"}}],
+    "preprocess": [{"changed deps": {"data/raw": "deleted"}}, {"changed outs": {"data/prepared": "not in cache"}}],
+    "train": [{"changed deps": {"data/prepared": "deleted"}}, {"changed outs": {"models": "not in cache"}}],
+    "evaluate": [{"changed deps": {"data/prepared": "deleted", "models": "deleted"}}, "changed command"],
+}
+# After adding a dep (tapework/training.py), a param (train.seed) and `always_changed: true` to evaluate.
+REAL_STATUS_NEW_DEP_PARAM = {
+    "download": [{"changed outs": {"data/raw": "not in cache"}}],
+    "preprocess": [{"changed deps": {"data/raw": "deleted"}}, {"changed outs": {"data/prepared": "not in cache"}}],
+    "train": [{"changed deps": {"data/prepared": "deleted"}}, {"changed outs": {"models": "not in cache"}}],
+    "evaluate": [
+        {"changed deps": {"data/prepared": "deleted", "models": "deleted", "tapework/training.py": "modified", "params.yaml": {"train.seed": "new"}}},
+        "always changed",
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        ({}, []),  # `dvc status --json` where the workspace matches dvc.lock and the cache holds every output
+        (REAL_STATUS_CONSISTENT, []),
+        (
+            REAL_STATUS_STAGE_PARAM_METRICS,
+            [
+                ("committed", "metrics/evaluate.json", "committed file does not match dvc.lock"),
+                ("inputs", "params.yaml:train (train)", "differs: committed dvc.lock is stale"),
+                ("inputs", "stages/train.py (train)", "differs: committed dvc.lock is stale"),
+            ],
+        ),
+        (
+            REAL_STATUS_DELETED_OUT_SHARED_DEP,
+            [("committed", "metrics/report.tsv", "missing in the commit (dvc.lock lists it)")]
+            + [("inputs", f"tapework/io.py ({stage})", "differs: committed dvc.lock is stale") for stage in ("download", "evaluate", "preprocess", "train")],
+        ),
+        (REAL_STATUS_COMMAND, [("inputs", "cmd (evaluate)", "differs: committed dvc.lock is stale")]),
+        (
+            REAL_STATUS_NEW_DEP_PARAM,
+            [
+                ("inputs", "params.yaml:train.seed (evaluate)", "new: committed dvc.lock is stale"),
+                ("inputs", "tapework/training.py (evaluate)", "differs: committed dvc.lock is stale"),
+            ],
+        ),
+    ],
+    ids=["empty", "consistent", "stage-param-metrics", "deleted-out-shared-dep", "command", "new-dep-param"],
+)
+def test_status_rows_read_real_dvc_status_json(status, expected):
+    rows = status_rows(status)
+    assert [(row.section, row.name, row.difference) for row in rows] == expected
+    assert all(row.fatal for row in rows)
+
+
+def test_status_rows_leave_out_deps_that_a_stage_produces():
+    # evaluate reads metrics/train_history.tsv, which train writes: the outputs comparison covers it.
+    status = {"evaluate": [{"changed deps": {"metrics/train_history.tsv": "modified", "stages/evaluate.py": "modified"}}]}
+    assert [row.name for row in status_rows(status, produced={"metrics/train_history.tsv"})] == ["stages/evaluate.py (evaluate)"]
+    assert len(status_rows(status)) == 2
+
+
+def test_gate_md5_of_committed_files_matches_dvc_lock():
+    """The md5 the gate shows for a committed file is the one dvc writes into dvc.lock."""
+    outs = lock_outs(yaml.safe_load((ROOT / "dvc.lock").read_text()))
+    for name in ("metrics/train.json", "metrics/evaluate.json"):
+        assert file_digest(ROOT / name, "md5") == outs[name]
 
 
 def test_merge_metrics_reads_dvc_metrics_diff_json_and_fills_gaps_from_raw_json():
     dvc_diff = {"metrics/evaluate.json": {"test.loss": {"old": 0.5, "new": 0.25, "diff": -0.25}, "test.f1": {"old": 0.5, "new": "x"}}}
     merged = merge_metrics(dvc_diff, {"metrics/evaluate.json": {"test": {"loss": 0.5, "accuracy": 0.9}}}, {"metrics/evaluate.json": {"test": {"loss": 0.25}}})
     assert merged == {"metrics/evaluate.json": {"test.loss": (0.5, 0.25), "test.f1": (0.5, "x"), "test.accuracy": (0.9, MISSING)}}
-    assert gate.compare_metric(0.5, "x", "tolerant") == ("differs", True)
-    assert gate.compare_metric(float("nan"), float("nan"), "exact") == ("same", False)
+    assert compare_metric(0.5, "x", "tolerant") == ("differs", True)
+    assert compare_metric(float("nan"), float("nan"), "exact") == ("same", False)
 
 
 def test_choose_mode_by_cpu_kind():
@@ -192,7 +343,7 @@ def commit(repo: Path, message: str) -> None:
 
 
 def gate_cli(repo: Path, tmp_path: Path, *args: str):
-    return run([sys.executable, str(ROOT / "scripts/repro_gate.py"), "--repo", str(repo), *args], ROOT, check=False, timeout=400, TMPDIR=str(tmp_path))
+    return run([sys.executable, "-m", "tools.repro_gate", "--repo", str(repo), *args], ROOT, check=False, timeout=400, TMPDIR=str(tmp_path))
 
 
 @pytest.mark.slow
@@ -220,6 +371,14 @@ def test_gate_end_to_end_reproduced_then_tampered_then_broken(repo_copy, tmp_pat
     assert "metrics/evaluate.json: test.accuracy" in drift_line
     assert "! metrics/evaluate.json: test.accuracy" in tampered.stdout and "-0.01" in tampered.stdout
     assert "committed file does not match dvc.lock" in tampered.stdout  # the lock still has the honest md5
+
+    with open(repo_copy / "stages/evaluate.py", "a") as stream:
+        stream.write("# edited after dvc.lock was written\n")
+    commit(repo_copy, "stale lock")
+    stale = gate_cli(repo_copy, tmp_path)
+    assert stale.returncode == 1, stale.stdout + stale.stderr
+    assert "! stages/evaluate.py (evaluate)" in stale.stdout and "differs: committed dvc.lock is stale" in stale.stdout
+    assert "hint: the committed dvc.lock was written for other code or params" in stale.stdout
 
     update_params(repo_copy / "params.yaml", {"train.batch_size": 0})
     commit(repo_copy, "bad params")

@@ -8,20 +8,19 @@ from sklearn.datasets import load_digits
 
 from tapework.errors import NonFiniteLossError
 from tapework.models import weights_dict
-from tapework.params import TrainParams, parse_params
-from tapework.preprocess import prepare
-from tests.test_preprocess import FakeRaw
+from tapework.preprocess import RawDataset, prepare
+from tests.conftest import make_params
 
 
 @pytest.fixture(scope="module")
 def digits():
     data = load_digits()
-    raw = FakeRaw(data.images.astype(np.uint8)[..., None], data.target, None, None, "classification", tuple(map(str, range(10))), None, (8, 8, 1))
-    return prepare(raw, parse_params({"preprocess": {"max_train_examples": 400}}).preprocess, "digits")
+    raw = RawDataset(data.images.astype(np.uint8)[..., None], data.target, None, None, "classification", tuple(map(str, range(10))), None, (8, 8, 1))
+    return prepare(raw, make_params({"preprocess.max_train_examples": 400}).preprocess, "digits")
 
 
 def train_params(**changes):
-    base = parse_params({"train": {"epochs": 3, "batch_size": 32, "tensorboard": False, "steps_per_execution": 4}}).train
+    base = make_params({"train.model": "mlp", "train.epochs": 3, "train.batch_size": 32, "train.tensorboard": False, "train.steps_per_execution": 4}).train
     return dataclasses.replace(base, **changes)
 
 
@@ -42,7 +41,7 @@ def test_every_model_builds_trains_and_lowers_the_loss(model, digits):
 
 @pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "no-xla"])
 def test_same_params_give_bitwise_identical_weights_and_history(digits, jit_compile):
-    params = train_params(mlp=dataclasses.replace(TrainParams().mlp, dropout=0.3), jit_compile=jit_compile)
+    params = train_params(mlp=dataclasses.replace(make_params().train.mlp, dropout=0.3), jit_compile=jit_compile)
     first, second = run_training(params, digits), run_training(params, digits)
     assert first.history == second.history
     a, b = weights_dict(first.model), weights_dict(second.model)
@@ -53,7 +52,7 @@ def test_same_params_give_bitwise_identical_weights_and_history(digits, jit_comp
 
 @pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "no-xla"])
 def test_resumed_run_equals_uninterrupted_run_bitwise(digits, tmp_path, jit_compile):
-    params = train_params(epochs=4, mlp=dataclasses.replace(TrainParams().mlp, dropout=0.3), schedule="cosine", jit_compile=jit_compile)
+    params = train_params(epochs=4, mlp=dataclasses.replace(make_params().train.mlp, dropout=0.3), schedule="cosine", jit_compile=jit_compile)
     straight = run_training(params, digits, checkpoint_dir=tmp_path / "straight")
     run_training(params, digits, checkpoint_dir=tmp_path / "resumed", stop_after_epochs=2)  # "crash" after epoch 2
     resumed = run_training(params, digits, checkpoint_dir=tmp_path / "resumed")
@@ -71,10 +70,9 @@ def test_checkpoint_from_other_params_is_not_resumed(digits, tmp_path):
 
 
 def test_early_stopping_restores_the_best_weights(digits):
-    from tapework.params import EarlyStoppingParams
-
     # A huge learning rate makes validation loss bounce, so patience 1 trips early.
-    params = train_params(epochs=12, optimizer="sgd", learning_rate=1.5, momentum=0.0, early_stopping=EarlyStoppingParams(monitor="val_loss", patience=1))
+    stopping = make_params({"train.early_stopping.monitor": "val_loss", "train.early_stopping.patience": 1}).train.early_stopping
+    params = train_params(epochs=12, optimizer="sgd", learning_rate=1.5, momentum=0.0, early_stopping=stopping)
     result = run_training(params, digits)
     losses = [row["val_loss"] for row in result.history]
     assert result.stopped_early and len(losses) < 12
@@ -86,13 +84,13 @@ def test_non_finite_loss_stops_with_epoch_and_step():
     rng = np.random.default_rng(0)
     targets = rng.normal(size=200)
     targets[150] = np.nan
-    raw = FakeRaw(rng.normal(size=(200, 4)), targets, None, None, "regression", (), ("a", "b", "c", "d"), None)
-    data = prepare(raw, parse_params({}).preprocess, "fake")
+    raw = RawDataset(rng.normal(size=(200, 4)), targets, None, None, "regression", (), ("a", "b", "c", "d"), None)
+    data = prepare(raw, make_params().preprocess, "fake")
     # meta statistics are NaN-free only if the NaN lands in val/test; force it into train instead.
     data.arrays["y_train"][5] = np.nan
     data.meta["target"] = {"offset": 0.0, "scale": 1.0}
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, step \d+"):
-        run_training(train_params(early_stopping=parse_params({"download": {"dataset": "diabetes"}}).train.early_stopping), data)
+        run_training(train_params(early_stopping=make_params({"download.dataset": "diabetes"}).train.early_stopping), data)
 
 
 def test_mixed_precision_trains_on_cpu(digits):
@@ -111,3 +109,62 @@ def test_regularisation_options_run(digits):
     params = train_params(optimizer="adamw", weight_decay=0.01, l2=1e-4, clip_norm=1.0, label_smoothing=0.1, schedule="step", warmup_epochs=1)
     result = run_training(params, digits)
     assert result.history[0]["learning_rate"] != result.history[-1]["learning_rate"]
+
+
+@pytest.fixture(scope="module")
+def diabetes():
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes(scaled=False)
+    raw = RawDataset(data.data, data.target, None, None, "regression", (), tuple(data.feature_names), None)
+    return prepare(raw, make_params({"download.dataset": "diabetes"}).preprocess, "diabetes")
+
+
+def validation_errors(result, data):
+    """|output - target| per element on the val split, in the units the Huber metric sees."""
+    from tapework.batching import make_dataset
+    from tapework.loop import Evaluator, task_spec
+    from tapework.metrics import MetricSet
+
+    spec = task_spec(data.meta)
+    x_val, y_val = data.split("val")
+    _, outputs = Evaluator(result.model, spec, MetricSet(spec.task, spec.num_classes, 1.0))(make_dataset(x_val, y_val, 64), collect_outputs=True)
+    if spec.task == "classification":
+        probabilities = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        return np.abs(probabilities - np.eye(spec.num_classes)[y_val]), 1.0
+    return np.abs(outputs - y_val), data.meta["target"]["scale"]
+
+
+@pytest.mark.parametrize("data_name", ["digits", "diabetes"])
+def test_huber_delta_in_params_exercises_both_branches_on_real_data(data_name, request):
+    """At the committed train.huber_delta both the quadratic and the linear side occur, and the
+    reported val_huber is the textbook Huber of those errors with delta in the target's scale."""
+    data = request.getfixturevalue(data_name)
+    delta = make_params().train.huber_delta
+    result = run_training(train_params(huber_delta=delta), data)
+    errors, scale = validation_errors(result, data)
+    threshold = delta * scale
+    linear_share = float(np.mean(errors > threshold))
+    assert 0.0 < linear_share < 1.0, f"{data_name}: share of errors beyond delta = {linear_share}"
+    values = np.where(errors <= threshold, 0.5 * errors**2, threshold * errors - 0.5 * threshold**2)
+    expected = values.reshape(len(values), -1).mean(axis=1).mean()
+    assert result.history[-1]["val_huber"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("model", ["residual_mlp", "mlp"])
+def test_mlp_families_train_for_regression(model, diabetes):
+    result = run_training(train_params(model=model, epochs=3), diabetes)
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0] and {"val_mae", "val_rmse", "val_r2"} <= set(result.history[-1])
+
+
+@pytest.mark.parametrize("model", ["cnn", "vit"])
+def test_image_families_build_for_regression(model):
+    """cnn and vit serve regression too: one output, and a train step on image targets runs."""
+    from tapework.models import build_model, model_config
+
+    params = make_params({"train.model": model}).train
+    config = model_config(params, (8, 8, 1), 1, [0.0], [1.0])
+    model_instance = build_model(config)
+    assert tuple(model_instance(np.zeros((2, 8, 8, 1), np.float32)).shape) == (2, 1)

@@ -1,4 +1,4 @@
-"""What both benchmark scripts print about the machine they measured on."""
+"""What the benchmark scripts print about the machine they measured on."""
 
 from __future__ import annotations
 

@@ -1,16 +1,17 @@
-"""Reproducibility gate: rerun the committed pipeline in a fresh clone and compare with the commit.
+"""The gate's comparison: pure functions on parsed dicts. No git, no subprocess, no file access.
 
-`scripts/repro_gate.py` is the command. The comparison is made of pure functions on dicts, which
-the unit tests call directly:
+Sections of the report, each built from what DVC prints:
 
-* **outputs**: the md5 of every `outs` entry of every stage in the committed `dvc.lock` against
-  the md5 that a fresh `dvc repro --force` writes.
+* **inputs**: the code, params and command of every stage against the committed `dvc.lock`, as
+  `dvc status --json` reports them in the fresh clone before `dvc repro`. A change means the
+  committed lock was written for other code or params (a stale lock). That is drift in every mode.
+* **committed**: every git-held output (`cache: false`) against its md5 in the committed
+  `dvc.lock`, from the same `dvc status --json`. A change means the commit holds files from
+  another run. That is drift in every mode.
+* **outs**: the md5 of every `outs` entry of every stage in the committed `dvc.lock` against the
+  md5 that a fresh `dvc repro --force` writes.
 * **metrics**: `dvc metrics diff --json --all` (HEAD against the fresh workspace) filled in with
   the raw values of the metrics files that dvc.yaml names.
-* **inputs**: source files and params recorded in `dvc.lock`. If they differ, the committed lock
-  was written for other code or params (a stale lock). That is drift in every mode.
-* **committed files**: every git-tracked output (`cache: false`) against its md5 in the committed
-  `dvc.lock`. A mismatch means the commit holds files from another run. That is drift in every mode.
 
 Modes: *exact* (same CPU kind as the committed run: any difference is drift) and *tolerant*
 (another CPU kind: oneDNN and Eigen pick kernels by CPU flags, so bits may differ. Hashes are
@@ -19,26 +20,13 @@ reported but not fatal, and numeric metrics must agree within `METRIC_ABS_TOLERA
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TextIO
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
-import yaml
-
-EXIT_REPRODUCED, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
 MODES = ("auto", "exact", "tolerant")
 
 # Tolerance for numeric metrics in tolerant mode (another CPU kind). It is absolute and applies
@@ -76,9 +64,13 @@ HINTS = {
     "metrics": "metrics differ from the committed ones",
 }
 
-
-class GateError(Exception):
-    """Could not run the comparison (clone, dvc repro or dvc metrics failed, lock missing)."""
+# `dvc status` says this of an output whose bytes are neither in the workspace nor in the DVC
+# cache. A fresh clone has no cache, so there every cached output (data, models) is "not in
+# cache": those are checked by the outputs comparison after `dvc repro --force`, not here.
+NOT_IN_CACHE = "not in cache"
+# `dvc status` lists a stage with `always_changed: true` this way even when nothing changed.
+ALWAYS_CHANGED = "always changed"
+CHANGED_COMMAND = "changed command"
 
 
 @dataclass(frozen=True)
@@ -95,6 +87,9 @@ class Row:
         return self.difference == "same"
 
 
+MISSING = object()
+
+
 # --------------------------------------------------------------------------- dvc.lock helpers
 
 
@@ -108,10 +103,11 @@ def lock_outs(lock: Mapping[str, Any]) -> dict[str, str]:
 
 
 def lock_inputs(lock: Mapping[str, Any]) -> dict[str, str]:
-    """Deps that no stage produces (source files) and params, per stage: `{label: hash or value}`.
+    """Deps that no stage produces (source files), params and cmd, per stage: `{label: hash or value}`.
 
-    Deps produced by another stage (data/raw, models, ...) are left out: the outputs comparison
-    covers them, and on another CPU kind they may differ legitimately."""
+    Labels are the ones `status_rows` gives: `path (stage)`, `params file:key (stage)`,
+    `cmd (stage)`. Deps produced by another stage (data/raw, models, ...) are left out: the
+    outputs comparison covers them, and on another CPU kind they may differ legitimately."""
     stages = (lock or {}).get("stages", {})
     produced = set(lock_outs(lock))
     inputs: dict[str, str] = {}
@@ -131,14 +127,6 @@ def _entry_hash(entry: Mapping[str, Any]) -> str:
     return str(entry.get(kind) or entry.get("md5") or entry.get("etag") or "?")
 
 
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def metrics_files(dvc_yaml: Mapping[str, Any]) -> list[str]:
     """Paths declared under `metrics:` in a parsed dvc.yaml."""
     files = []
@@ -146,6 +134,68 @@ def metrics_files(dvc_yaml: Mapping[str, Any]) -> list[str]:
         for entry in stage.get("metrics", []) or []:
             files.append(entry if isinstance(entry, str) else next(iter(entry)))
     return files
+
+
+# --------------------------------------------------------------------------- dvc status
+
+
+def _status_items(status: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
+    """`(stage, kind, name, state)` for every entry of parsed `dvc status --json` output.
+
+    The output maps each stage to a list of `{"changed deps": {...}}`, `{"changed outs": {...}}`
+    and plain strings ("changed command", "always changed"). A changed params file is a dep whose
+    state is `{key: state}` (or a bare state when the stage has no params in dvc.lock).
+    kind: "dep", "param", "out" or "stage" (a plain string entry, which is also its state)."""
+    items: list[tuple[str, str, str, str]] = []
+    for stage, entries in (status or {}).items():
+        for entry in entries or []:
+            if isinstance(entry, str):
+                items.append((stage, "stage", entry, entry))
+                continue
+            for key, changes in entry.items():
+                if key == "changed deps":
+                    for path, state in (changes or {}).items():
+                        if isinstance(state, Mapping):
+                            items.extend((stage, "param", f"{path}:{param}", str(value)) for param, value in state.items())
+                        else:
+                            items.append((stage, "dep", path, str(state)))
+                elif key == "changed outs":
+                    items.extend((stage, "out", path, str(state)) for path, state in (changes or {}).items())
+                else:
+                    items.append((stage, "stage", key, str(changes)))
+    return items
+
+
+def status_rows(status: Mapping[str, Any], produced: Collection[str] = ()) -> list[Row]:
+    """Drift rows from `dvc status --json` run in the fresh clone before `dvc repro`; `{}` gives none.
+
+    Section "inputs" (stale lock): a changed source dep, param or command, labelled like
+    `lock_inputs`. Section "committed": a git-held output whose bytes differ from dvc.lock
+    ("modified") or that the commit lacks ("deleted"). Left out: outputs "not in cache" (cached
+    outputs, which a fresh clone never has), deps that a stage produces (`produced`, and every
+    path dvc status lists as an output: the outputs comparison covers them) and "always changed".
+    The committed column says "dvc.lock" and the fresh column holds the state dvc status names."""
+    items = _status_items(status)
+    produced = set(produced) | {name for _, kind, name, _ in items if kind == "out"}
+    rows: list[Row] = []
+    for stage, kind, name, state in items:
+        if kind == "out":
+            if state == NOT_IN_CACHE:
+                continue
+            text = "missing in the commit (dvc.lock lists it)" if state == "deleted" else "committed file does not match dvc.lock"
+            rows.append(Row("committed", name, "dvc.lock", state, text, True))
+        elif (kind == "dep" and name in produced) or (kind == "stage" and state == ALWAYS_CHANGED):
+            continue
+        else:
+            label = "cmd" if name == CHANGED_COMMAND else name
+            change = "differs" if state in ("modified", CHANGED_COMMAND) else state
+            rows.append(Row("inputs", f"{label} ({stage})", "dvc.lock", state, f"{change}: committed dvc.lock is stale", True))
+    return sorted(rows, key=lambda row: (row.section, row.name))
+
+
+def not_in_cache(status: Mapping[str, Any]) -> set[str]:
+    """Outputs that `dvc status --json` reports "not in cache": in a fresh clone, the cached ones."""
+    return {name for _, kind, name, state in _status_items(status) if kind == "out" and state == NOT_IN_CACHE}
 
 
 # --------------------------------------------------------------------------- metrics helpers
@@ -159,9 +209,6 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in tree.items():
         flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return flat
-
-
-MISSING = object()
 
 
 def merge_metrics(
@@ -233,29 +280,40 @@ def compare(
     fresh_lock: Mapping[str, Any],
     metrics: Mapping[str, Mapping[str, tuple[Any, Any]]],
     mode: str,
-    committed_files: Mapping[str, str] | None = None,
+    status: Mapping[str, Any],
+    committed_md5: Mapping[str, str] | None = None,
     tolerance: float = METRIC_ABS_TOLERANCE,
 ) -> list[Row]:
-    """Every comparison row. `metrics` is `merge_metrics(...)`; `committed_files` maps a
-    git-tracked output path to the md5 of its committed bytes."""
+    """Every comparison row.
+
+    `status` is the parsed `dvc status --json` of the fresh clone before `dvc repro`: it decides
+    the inputs and committed sections (`status_rows`), and the locks give the values shown.
+    The committed section lists every dvc.lock output except those "not in cache" (cached ones).
+    `metrics` is `merge_metrics(...)`. `committed_md5` maps a committed output path to the md5
+    of its committed bytes, shown for the outputs that dvc status reports changed."""
     if mode not in ("exact", "tolerant"):
         raise ValueError(f"mode must be exact or tolerant, not {mode!r}")
     rows: list[Row] = []
+    old_outs, new_outs = lock_outs(committed_lock), lock_outs(fresh_lock)
+    changed = {(row.section, row.name): row for row in status_rows(status, produced=set(old_outs) | set(new_outs))}
 
     old_in, new_in = lock_inputs(committed_lock), lock_inputs(fresh_lock)
-    for name in sorted(set(old_in) | set(new_in)):
+    for name in sorted(set(old_in) | {name for section, name in changed if section == "inputs"}):
         old, new = old_in.get(name, MISSING), new_in.get(name, MISSING)
-        if old == new:
+        row = changed.get(("inputs", name))
+        if row is None:
             rows.append(Row("inputs", name, old, new, "same", False))
         else:
-            text = "missing in fresh run" if new is MISSING else "not in commit" if old is MISSING else "differs: committed dvc.lock is stale"
-            rows.append(Row("inputs", name, _show(old), _show(new), text, True))
+            rows.append(replace(row, committed=_show(old), fresh=_show(new)))
 
-    old_outs, new_outs = lock_outs(committed_lock), lock_outs(fresh_lock)
-    for name, md5 in sorted((committed_files or {}).items()):
+    held = (set(old_outs) - not_in_cache(status)) | {name for section, name in changed if section == "committed"}
+    for name in sorted(held):
         locked = old_outs.get(name, MISSING)
-        same = locked == md5
-        rows.append(Row("committed", name, _show(locked), md5, "same" if same else "committed file does not match dvc.lock", not same))
+        row = changed.get(("committed", name))
+        if row is None:
+            rows.append(Row("committed", name, locked, locked, "same", False))
+        else:
+            rows.append(replace(row, committed=_show(locked), fresh=(committed_md5 or {}).get(name, row.fresh)))
 
     for name in sorted(set(old_outs) | set(new_outs)):
         old, new = old_outs.get(name, MISSING), new_outs.get(name, MISSING)
@@ -332,150 +390,3 @@ def render(rows: Sequence[Row], mode: str, reason: str, tolerance: float = METRI
         extra = f"; {len(tolerated)} tolerated differences" if tolerated else ""
         lines.append(f"REPRODUCED: {len(rows)} entries compared ({mode} mode){extra}")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- running it
-
-
-def tool_env(cache_dir: Path) -> dict[str, str]:
-    """This interpreter's bin first on PATH (its `dvc` and `python`), a private download cache."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["TAPEWORK_CACHE"] = str(cache_dir)
-    env["DVC_NO_ANALYTICS"] = "1"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return env
-
-
-def _run(command: list[str], cwd: Path, env: Mapping[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """Run in its own process group; on timeout kill that group (stage processes included)."""
-    process = subprocess.Popen(command, cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        raise GateError(f"`{' '.join(command)}` ran past {timeout:g} s and was killed; last output:\n{tail(stderr or stdout)}")
-    except BaseException:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        raise
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
-def tail(text: str, lines: int = 40) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
-def _git(args: list[str], cwd: Path, env: Mapping[str, str]) -> str:
-    result = _run(["git", *args], cwd, env, timeout=300)
-    if result.returncode != 0:
-        raise GateError(f"git {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
-    return result.stdout.strip()
-
-
-def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except ValueError as error:
-        raise GateError(f"{path.name} is not valid JSON: {error}") from error
-
-
-def _load_yaml(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise GateError(f"no {what} in the commit: nothing to compare against (run `dvc repro` and commit dvc.lock)")
-    return yaml.safe_load(path.read_text())
-
-
-def run_gate(repo: Path, requested_mode: str = "auto", keep: bool = False, timeout: float = 3600, out: TextIO = sys.stdout) -> int:
-    from tapework.provenance import cpu_kind  # light import (no TensorFlow)
-
-    started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="tapework-gate-"))
-    clone = work / "repo"
-    env = tool_env(work / "cache")
-    try:
-        head = _git(["rev-parse", "HEAD"], repo, env)
-        if _git(["status", "--porcelain", "--untracked-files=no"], repo, env):
-            print(f"note: {repo} has uncommitted changes; the gate checks committed HEAD only", file=out)
-        _git(["clone", "--quiet", "--no-hardlinks", str(repo), str(clone)], work, env)
-        _git(["-c", "advice.detachedHead=false", "checkout", "--quiet", head], clone, env)
-        print(f"gate: commit {head[:12]} cloned into {clone}", file=out)
-
-        committed_lock = _load_yaml(clone / "dvc.lock", "dvc.lock")
-        dvc_yaml = _load_yaml(clone / "dvc.yaml", "dvc.yaml")
-        tracked = set(_git(["ls-files"], clone, env).splitlines())
-        committed_files = {path: file_md5(clone / path) for path in lock_outs(committed_lock) if path in tracked}
-        names = metrics_files(dvc_yaml)
-        committed_raw = {name: _load_json(clone / name) for name in names}
-        committed_provenance = _load_json(clone / "metrics/train.provenance.json") or {}
-        mode, reason = choose_mode(requested_mode, committed_provenance.get("cpu"), cpu_kind())
-
-        dvc = shutil.which("dvc", path=env["PATH"]) or "dvc"
-        repro_start = time.monotonic()
-        # --force: run every stage command. Without it, a stage whose outputs are all git-tracked
-        # (evaluate: cache: false) and whose deps came out identical is skipped, so its committed
-        # outputs would be compared with themselves. --force also bypasses the run-cache.
-        result = _run([dvc, "repro", "--force"], clone, env, timeout)
-        ran = re.findall(r"Running stage '([^']+)'", result.stdout)
-        if result.returncode != 0:
-            stage = ran[-1] if ran else "?"
-            print(f"ERROR: dvc repro failed (exit {result.returncode}) in stage '{stage}'. Last lines of its stderr:", file=out)
-            print(tail(result.stderr or result.stdout), file=out)
-            return EXIT_ERROR
-        print(f"gate: dvc repro --force ran {', '.join(ran) or 'no stages'} in {time.monotonic() - repro_start:.1f} s", file=out)
-        skipped = [name for name in (dvc_yaml.get("stages") or {}) if name not in ran]
-        if skipped:
-            raise GateError(f"dvc repro --force did not run stage(s) {', '.join(skipped)} (frozen?): their outputs cannot be checked")
-
-        fresh_lock = _load_yaml(clone / "dvc.lock", "fresh dvc.lock")
-        diff = _run([dvc, "metrics", "diff", "--json", "--all"], clone, env, timeout=600)
-        if diff.returncode != 0:
-            raise GateError(f"dvc metrics diff failed ({diff.returncode}):\n{tail(diff.stderr)}")
-        try:
-            dvc_diff = json.loads(diff.stdout or "{}")
-        except ValueError as error:
-            raise GateError(f"dvc metrics diff --json printed no JSON: {error}\n{tail(diff.stdout)}") from error
-        fresh_raw = {name: _load_json(clone / name) for name in names}
-        metrics = merge_metrics(
-            dvc_diff,
-            {k: v for k, v in committed_raw.items() if v is not None},
-            {k: v for k, v in fresh_raw.items() if v is not None},
-        )
-
-        fresh_provenance = _load_json(clone / "metrics/train.provenance.json") or {}
-        old_packages, new_packages = committed_provenance.get("packages", {}), fresh_provenance.get("packages", {})
-        changed = sorted(k for k in set(old_packages) | set(new_packages) if old_packages.get(k) != new_packages.get(k))
-        if changed:
-            print("note: package versions differ from the committed run: " + ", ".join(f"{k} {old_packages.get(k)} -> {new_packages.get(k)}" for k in changed), file=out)
-
-        rows = compare(committed_lock, fresh_lock, metrics, mode, committed_files)
-        print(render(rows, mode, reason), file=out)
-        print(f"gate: {time.monotonic() - started:.1f} s in all", file=out)
-        return EXIT_DRIFT if is_drift(rows) else EXIT_REPRODUCED
-    except GateError as error:
-        print(f"ERROR: {error}", file=out)
-        return EXIT_ERROR
-    finally:
-        if keep:
-            print(f"gate: kept the clone at {clone}", file=out)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-
-
-def main(argv: Sequence[str] | None = None, default_repo: Path | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="repro_gate.py",
-        description="Clone committed HEAD, run `dvc repro` there and compare dvc.lock output hashes and "
-        "metrics with the commit. Exit 0 reproduced, 1 drift, 2 error.",
-    )
-    parser.add_argument("--mode", choices=MODES, default="auto", help="exact: any difference is drift; tolerant: hashes reported, metrics within "
-                        f"{METRIC_ABS_TOLERANCE:g}; auto (default): exact on the committed run's CPU kind, else tolerant")
-    parser.add_argument("--keep", action="store_true", help="keep the temp clone for inspection")
-    parser.add_argument("--repo", type=Path, default=default_repo or Path.cwd(), help="git repository to check (default: this project)")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed for dvc repro (default 3600)")
-    args = parser.parse_args(argv)
-    sys.stdout.reconfigure(line_buffering=True)
-    return run_gate(args.repo.resolve(), args.mode, args.keep, args.timeout)

@@ -1,8 +1,0 @@
-"""Make `import tapework` work when a stage runs as `python stages/<verb>.py` from a fresh clone."""
-
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))

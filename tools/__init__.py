@@ -1,0 +1,1 @@
+"""Developer and CI tools that sit beside the pipeline package, not inside it."""

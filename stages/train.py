@@ -10,6 +10,8 @@ from tapework.models import save_model
 from tapework.params import load_params
 from tapework.preprocess import load_prepared
 from tapework.provenance import provenance
+from tapework.runs import run_id
+from tapework.tensorboard import run_log_dir
 from tapework.training import is_chief, train
 
 
@@ -27,18 +29,14 @@ def main() -> None:
         history="output per-epoch history TSV",
         provenance="output provenance JSON",
         checkpoints="folder for resumable checkpoints (not a DVC output)",
-        logs="folder for TensorBoard event files (not a DVC output)",
+        logs="folder for TensorBoard event files, one subfolder per run (not a DVC output)",
     )
     params = load_params(PARAMS_FILE)
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell starts background jobs with it ignored
         signal.signal(signum, _interrupt)
     data = load_prepared(paths.prepared)
-    result = train(
-        params.train,
-        data,
-        checkpoint_dir=paths.checkpoints,
-        log_dir=paths.logs if params.train.tensorboard else None,
-    )
+    log_dir = run_log_dir(paths.logs, run_id(params.train, data.meta)) if params.train.tensorboard else None
+    result = train(params.train, data, checkpoint_dir=paths.checkpoints, log_dir=log_dir)
     if not is_chief():
         return  # multi-worker: only the chief writes outputs
     save_model(result.model, result.config, paths.models)

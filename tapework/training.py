@@ -26,7 +26,7 @@ from tapework.loop import Evaluator, make_train_function, task_spec
 from tapework.metrics import MetricSet
 from tapework.models import build_model, model_config
 from tapework.optim import current_learning_rate, make_optimizer
-from tapework.params import TrainParams
+from tapework.params import TrainParams, to_plain
 from tapework.preprocess import Prepared
 from tapework.runs import run_fingerprint, run_id
 from tapework.tensorboard import SummaryWriters
@@ -137,7 +137,8 @@ def train(
     # A checkpoint is only ever resumed by the run that wrote it: same params, data and code.
     store = open_store(checkpoint_dir, chief, run_fingerprint(train_params, meta), model, optimizer, train_metrics.variables(), state)
     stopping = EarlyStopping(train_params.early_stopping, state)
-    writers = SummaryWriters(log_dir if chief else None)
+    hparams = {"dataset": meta["dataset"], "train": to_plain(train_params)}
+    writers = SummaryWriters(log_dir if chief else None, resumed=int(state.epoch) > 0, hparams=hparams)
     val_dataset = make_dataset(x_val, y_val, train_params.batch_size)
     epoch_seconds: list[float] = []
     try:

@@ -23,19 +23,11 @@ from tapework.catalogue import DATASETS, RemoteFile
 from tapework.datasets import fetch_dataset, load_raw
 from tapework.errors import DataError, DownloadError
 from tapework.params import CsvParams, DownloadParams, ParamsError, read_raw, with_overrides
-from tests.conftest import make_params, stage_command
+from tests.conftest import make_params, shared_data, stage_command
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
-
-
-def shared(folder: str) -> Path:
-    path = SHARED_DATA / folder
-    if not path.is_dir():
-        pytest.fail(f"{path} is missing: the shared reference data must sit beside the repository (../shared/data).")
-    return path
 
 
 def params(dataset: str, **overrides: object) -> DownloadParams:
@@ -97,7 +89,7 @@ def test_catalogue_entries_are_complete() -> None:
     ("dataset", "folder"), [("mnist", "mnist"), ("fashion_mnist", "fashion-mnist"), ("california_housing", "california-housing")]
 )
 def test_pins_match_the_shared_reference_sums(dataset: str, folder: str) -> None:
-    sums = dict(reversed(line.split()) for line in (shared(folder) / "SHA256SUMS").read_text().splitlines() if line)
+    sums = dict(reversed(line.split()) for line in (shared_data(folder) / "SHA256SUMS").read_text().splitlines() if line)
     for remote in DATASETS[dataset].files:
         assert sums[remote.name] == remote.sha256, remote.name
 
@@ -130,7 +122,7 @@ def test_diabetes_is_offline_float_regression(tmp_path: Path) -> None:
 
 def test_real_mnist_through_an_http_mirror_then_from_cache(tmp_path: Path) -> None:
     with FaultServer() as server:
-        server.add_folder("/mirror/mnist", shared("mnist"))
+        server.add_folder("/mirror/mnist", shared_data("mnist"))
         mirror = server.url + "/mirror/mnist/"
         manifest = fetch_dataset(params("mnist", mirror=mirror), tmp_path / "one" / "raw")
         assert server.requests() == 4
@@ -148,7 +140,7 @@ def test_real_mnist_through_an_http_mirror_then_from_cache(tmp_path: Path) -> No
 
 def test_real_fashion_mnist_through_an_http_mirror(tmp_path: Path) -> None:
     with FaultServer() as server:
-        server.add_folder("/fashion", shared("fashion-mnist"))
+        server.add_folder("/fashion", shared_data("fashion-mnist"))
         fetch_dataset(params("fashion_mnist", mirror=server.url + "/fashion"), tmp_path / "raw")
     raw = load_raw("fashion_mnist", tmp_path / "raw", csv_settings())
     assert raw.x_train.shape == (60000, 28, 28, 1) and raw.x_test.shape == (10000, 28, 28, 1)
@@ -159,7 +151,7 @@ def test_real_fashion_mnist_through_an_http_mirror(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("style", ["file_url", "folder"])
 def test_real_california_housing_through_a_local_mirror(tmp_path: Path, style: str) -> None:
-    folder = shared("california-housing")
+    folder = shared_data("california-housing")
     mirror = folder.as_uri() if style == "file_url" else str(folder)
     fetch_dataset(params("california_housing", mirror=mirror), tmp_path / "raw")
     raw = load_raw("california_housing", tmp_path / "raw", csv_settings())
@@ -350,7 +342,7 @@ def test_catalogue_formats_and_loaders_agree() -> None:
 def test_adding_a_data_set_is_one_catalogue_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A new data set in a known format (here: MNIST's files under another name) needs nothing but its entry."""
     monkeypatch.setitem(catalogue.DATASETS, "mnist_again", dataclasses.replace(DATASETS["mnist"], name="mnist_again"))
-    download = dataclasses.replace(params("mnist"), dataset="mnist_again", mirror=str(shared("mnist")))
+    download = dataclasses.replace(params("mnist"), dataset="mnist_again", mirror=str(shared_data("mnist")))
     fetch_dataset(download, tmp_path / "raw")
     raw = load_raw("mnist_again", tmp_path / "raw", csv_settings())
     assert raw.x_train.shape == (60000, 28, 28, 1) and raw.class_names == catalogue.DIGIT_CLASSES

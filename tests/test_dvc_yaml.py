@@ -65,7 +65,34 @@ def test_each_stage_command_passes_exactly_its_declared_data_paths():
         options = dict(zip(words[3::2], words[4::2]))
         assert all(option.startswith("--") for option in options), stage["cmd"]
         passed = {path for option, path in options.items() if option not in UNTRACKED_ARGUMENTS}
-        assert passed == declared_paths(stage), f"stage {name}: passed {sorted(passed)}, declared {sorted(declared_paths(stage))}"
+        # The params-check stamp is an order-only dependency: it puts the check first, nobody reads it.
+        declared = declared_paths(stage) - (CHECK_STAMP if name != "check_params" else set())
+        assert passed == declared, f"stage {name}: passed {sorted(passed)}, declared {sorted(declared)}"
+
+
+CHECK_STAMP = {"data/params.ok"}
+
+
+def test_params_check_comes_first_and_reads_every_section():
+    """check_params validates all of params.yaml before any stage that DVC would clear, and imports no TensorFlow."""
+    dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    stages = dvc_yaml["stages"]
+    check = stages["check_params"]
+    assert set(check["params"]) == set(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    assert CHECK_STAMP == {next(iter(entry)) for entry in check["outs"]}
+    assert all(next(iter(entry.values())).get("persist") for entry in check["outs"])
+    assert "data/params.ok" in stages["download"]["deps"]
+    heavy = {"tapework/" + name for name in ("models.py", "loop.py", "training.py", "batching.py", "metrics.py")}
+    assert not heavy & set(check["deps"])
+    for dep in check["deps"]:
+        if dep.endswith(".py"):
+            imported = set()
+            for node in ast.walk(ast.parse((ROOT / dep).read_text())):
+                if isinstance(node, ast.Import):
+                    imported.update(alias.name.split(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    imported.add(node.module.split(".")[0])
+            assert not imported & {"tensorflow", "keras"}, dep
 
 
 def test_no_module_spells_a_pipeline_path():

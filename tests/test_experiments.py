@@ -17,6 +17,7 @@ import yaml
 
 from tools.repro_gate.compare import flatten, lock_outs
 from tests.conftest import run, tool_env, update_params
+from tests.test_tensorboard import run_folders
 
 METRICS_FILES = {"metrics/train.json", "metrics/evaluate.json"}
 METRIC_KEYS = {
@@ -178,6 +179,9 @@ def test_queue_with_two_workers_finishes_both_experiments_intact(repo_copy):
             check_commit_matches_its_lock(repo_copy, found[name]["rev"])
         first, second = (results[name] for name in rates)
         assert first != second
+        # Queued runs execute in temporary copies; their TensorBoard runs land in this workspace's logs/.
+        logged = run_folders(repo_copy)
+        assert {name: logged.get(name) for name in rates} == {name: [1, 2, 3] for name in rates}, logged
         for file_name, keys in METRIC_KEYS.items():
             for key in keys - {"best_epoch", "epochs_run", "stopped_early"}:
                 assert first[file_name][key] != second[file_name][key], f"{file_name} {key} equal in both experiments"

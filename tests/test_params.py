@@ -1,6 +1,7 @@
 """params.yaml validation: every key is tried with a bad value; each error names key, value and fix."""
 
 import dataclasses
+import difflib
 import typing
 from pathlib import Path
 
@@ -245,3 +246,16 @@ def test_overrides_apply_dotted_keys_to_a_copy():
     assert changed["train"]["epochs"] == 2 and changed["train"]["mlp"]["dropout"] == 0.5
     assert COMMITTED["train"]["epochs"] != 2 or COMMITTED["train"]["mlp"]["dropout"] != 0.5
     assert load_params(ROOT / "params.yaml", {"train.epochs": 2}).train.epochs == 2
+
+
+@pytest.mark.parametrize("override", ["train.learning_rate=0.003", "download.mirror=/srv/mirror", "train.mlp.hidden_units=[256,64]"])
+def test_dvc_exp_run_set_changes_one_line_of_params_yaml(tmp_path, override):
+    """params.yaml is written in the style DVC's `-S` rewrite produces, so a one-key change is a one-line diff."""
+    from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` calls
+
+    copy = tmp_path / "params.yaml"
+    copy.write_text((ROOT / "params.yaml").read_text())
+    apply_overrides(str(copy), [override])
+    before, after = (ROOT / "params.yaml").read_text().splitlines(), copy.read_text().splitlines()
+    changed = [line for line in difflib.unified_diff(before, after, lineterm="", n=0) if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    assert len(changed) == 2, "\n".join(changed)  # one line out, one line in (a list: one line per item)

@@ -19,9 +19,9 @@ from tapework.parsers import (
     parse_csv,
     parse_idx,
 )
+from tests.conftest import shared_data
 
 pytestmark = pytest.mark.timeout(30)
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -200,9 +200,7 @@ def test_parse_california_housing_rejects_wrong_columns_and_text(tmp_path: Path)
 
 
 def test_parse_california_housing_real_file() -> None:
-    path = SHARED_DATA / "california-housing" / "cal_housing.data"
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: the shared reference data must sit beside the repository (../shared/data).")
+    path = shared_data("california-housing") / "cal_housing.data"
     x, y, names = parse_california_housing(path)
     assert x.shape == (20640, 8) and y.shape == (20640,)
     assert names[-1] == "median_income" and y.min() > 0

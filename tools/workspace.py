@@ -18,7 +18,9 @@ import yaml
 from tapework.params import with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# The genuine MNIST, Fashion-MNIST and California housing files the real-data tests serve
+# through the mirror setting: ../shared/data beside the checkout, or TAPEWORK_SHARED_DATA.
+SHARED_DATA = Path(os.environ.get("TAPEWORK_SHARED_DATA") or ROOT.parent / "shared" / "data")
 
 
 def tool_env(**extra: str) -> dict[str, str]:

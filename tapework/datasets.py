@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from tapework import parsers
+from tapework.catalogue import DATASETS, IDX_FILES, DatasetSpec
 from tapework.download import cache_path, download_file, effective_mirror, resolve_url, safe_extract, url_scheme
 from tapework.errors import DataError, DownloadError
-from tapework.io import load_npz, read_json, save_npz, file_digest, write_json
-from tapework.catalogue import DATASETS, IDX_FILES, DatasetSpec
+from tapework.io import file_digest, load_npz, read_json, save_npz, write_json
 from tapework.params import CsvParams, DownloadParams, ParamsError
 from tapework.preprocess import RawDataset
 

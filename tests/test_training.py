@@ -168,3 +168,26 @@ def test_image_families_build_for_regression(model):
     config = model_config(params, (8, 8, 1), 1, [0.0], [1.0])
     model_instance = build_model(config)
     assert tuple(model_instance(np.zeros((2, 8, 8, 1), np.float32)).shape) == (2, 1)
+
+
+@pytest.mark.parametrize(("monitor", "values", "best", "stops_at"), [
+    ("val_loss", [1.0, 0.8, 0.9, 0.85, 0.7], 2, 4),  # lower is better; patience 2 runs out after epoch 4
+    ("val_accuracy", [0.5, 0.7, 0.6, 0.9, 0.8], 4, None),  # higher is better; never two bad epochs in a row
+])
+def test_early_stopping_tracks_the_best_epoch_and_its_patience(monitor, values, best, stops_at):
+    import keras
+
+    from tapework.checkpoint import TrainingState
+    from tapework.early_stopping import EarlyStopping
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    stopping = EarlyStopping(make_params({"train.early_stopping.monitor": monitor, "train.early_stopping.patience": 2}).train.early_stopping, TrainingState(model))
+    stopped = None
+    for epoch, value in enumerate(values, start=1):
+        model.layers[0].kernel.assign(np.full((2, 1), float(epoch), np.float32))  # weights that name their epoch
+        if stopping.update({"epoch": epoch, monitor: value}, model) and stopped is None:
+            stopped = epoch
+            break
+    assert stopped == stops_at
+    assert stopping.finish(model, len(values)) == best
+    assert float(model.layers[0].kernel.numpy()[0, 0]) == best  # restore_best put the best epoch's weights back

@@ -1,11 +1,14 @@
 """DVC stage `evaluate`: test-set metrics, per-class (or per-bin) report, plot data and a PNG summary."""
 
+import dataclasses
 import logging
 
 from tapework.cli import PARAMS_FILE, run_stage, stage_paths
 from tapework.evaluation import ReportPaths, evaluate_model, write_reports
+from tapework.history import read_history
 from tapework.io import file_digest, write_json
 from tapework.models import WEIGHTS_FILE, load_model
+from tapework.outputs import exclusive, output_set
 from tapework.params import load_params
 from tapework.preprocess import load_prepared
 from tapework.provenance import provenance
@@ -25,12 +28,17 @@ def main() -> None:
         summary="output summary PNG",
     )
     params = load_params(PARAMS_FILE)
-    data = load_prepared(paths.prepared)
-    model, _ = load_model(paths.models)
-    outcome = evaluate_model(model, data, params.evaluate.batch_size, params.train.huber_delta)
-    write_reports(outcome, data.meta, paths.history, ReportPaths(paths.metrics, paths.report, paths.confusion, paths.predictions, paths.summary))
-    model_hash = file_digest(paths.models / WEIGHTS_FILE)
-    write_json(paths.provenance, provenance(params, "evaluate", paths.prepared, params.train.seed, model_sha256=model_hash))
+    reports = ReportPaths(paths.metrics, paths.report, paths.confusion, paths.predictions, paths.summary)
+    outputs = [*dataclasses.astuple(reports), paths.provenance]
+    with exclusive("evaluate", outputs):
+        data = load_prepared(paths.prepared)
+        model, _ = load_model(paths.models)
+        outcome = evaluate_model(model, data, params.evaluate.batch_size, params.train.huber_delta)
+        history = read_history(paths.history)  # read before anything is written: a missing history changes nothing
+        with output_set("evaluate", outputs) as staged:  # every report, plot and the provenance together, or none
+            write_reports(outcome, data.meta, history, ReportPaths(*(staged[path] for path in dataclasses.astuple(reports))))
+            model_hash = file_digest(paths.models / WEIGHTS_FILE)
+            write_json(staged[paths.provenance], provenance(params, "evaluate", paths.prepared, params.train.seed, model_sha256=model_hash))
     logging.getLogger("tapework").info("test: %s", outcome.results)
 
 

@@ -1,5 +1,6 @@
 """DVC stage `train`: hand-written GradientTape training -> model, train metrics, history, provenance."""
 
+import contextlib
 import logging
 import signal
 
@@ -7,6 +8,7 @@ from tapework.cli import PARAMS_FILE, run_stage, stage_paths
 from tapework.history import write_history
 from tapework.io import write_json
 from tapework.models import save_model
+from tapework.outputs import exclusive, output_set
 from tapework.params import load_params
 from tapework.preprocess import load_prepared
 from tapework.provenance import provenance
@@ -34,15 +36,19 @@ def main() -> None:
     params = load_params(PARAMS_FILE)
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell starts background jobs with it ignored
         signal.signal(signum, _interrupt)
-    data = load_prepared(paths.prepared)
-    log_dir = run_log_dir(paths.logs, run_id(params.train, data.meta)) if params.train.tensorboard else None
-    result = train(params.train, data, checkpoint_dir=paths.checkpoints, log_dir=log_dir)
-    if not is_chief():
-        return  # multi-worker: only the chief writes outputs
-    save_model(result.model, result.config, paths.models)
-    write_json(paths.metrics, result.summary())
-    write_json(paths.provenance, provenance(params, "train", paths.prepared, params.train.seed))
-    write_history(paths.history, result.history)
+    outputs = [paths.models, paths.metrics, paths.history, paths.provenance]
+    chief = is_chief()  # multi-worker: only the chief writes outputs, so only it takes their lock
+    with exclusive("train", outputs) if chief else contextlib.nullcontext():
+        data = load_prepared(paths.prepared)
+        log_dir = run_log_dir(paths.logs, run_id(params.train, data.meta)) if params.train.tensorboard else None
+        result = train(params.train, data, checkpoint_dir=paths.checkpoints, log_dir=log_dir)
+        if not chief:
+            return
+        with output_set("train", outputs) as staged:  # all four replaced together, or none
+            save_model(result.model, result.config, staged[paths.models])
+            write_json(staged[paths.metrics], result.summary())
+            write_json(staged[paths.provenance], provenance(params, "train", paths.prepared, params.train.seed))
+            write_history(staged[paths.history], result.history)
     logging.getLogger("tapework").info("trained %d epochs; kept epoch %d", len(result.history), result.best_epoch)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -17,6 +18,14 @@ log = logging.getLogger("tapework")
 # Exit codes: 2 = bad params or input the user must fix, 3 = training diverged, 130 = interrupted.
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+# Storage faults the user fixes outside the project: one line, not a traceback.
+STORAGE_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+}
+STORAGE_FIX = "free space or fix the permissions, then rerun; the previous outputs are unchanged"
 # DVC's params file; each stage validates all of it before any work.
 PARAMS_FILE = Path("params.yaml")
 
@@ -50,4 +59,10 @@ def run_stage(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted: no partial output was written; rerun the stage to continue", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except OSError as error:
+        if error.errno not in STORAGE_ERRORS:
+            raise  # anything else is a bug or an unexpected fault: keep its traceback
+        where = error.filename or "an output"
+        print(f"error: {STORAGE_ERRORS[error.errno]} while writing {where}; {STORAGE_FIX}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     sys.exit(0)

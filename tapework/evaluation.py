@@ -15,7 +15,6 @@ from tapework.io import write_json
 from tapework.loop import Evaluator, task_spec
 from tapework.metrics import MetricSet
 from tapework.preprocess import Prepared
-from tapework.history import read_history
 from tapework.reports import per_class_report, regression_report, summary_figure, write_csv, write_table
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ def evaluate_model(model: keras.Model, data: Prepared, batch_size: int, huber_de
     return Outcome(spec.task, results, y_test, outputs, None)
 
 
-def write_reports(outcome: Outcome, meta: dict[str, Any], history_path: Path, paths: ReportPaths) -> None:
+def write_reports(outcome: Outcome, meta: dict[str, Any], history: pd.DataFrame, paths: ReportPaths) -> None:
     """The test metrics JSON, the report table, both plot CSVs and the summary PNG.
 
     Both plot CSVs are always written (DVC outputs must exist); the one that does not apply
@@ -68,4 +67,4 @@ def write_reports(outcome: Outcome, meta: dict[str, Any], history_path: Path, pa
         write_table(regression_report(outcome.actual, outcome.predicted), paths.report)
         write_csv(pd.DataFrame({"actual": outcome.actual, "predicted": outcome.predicted}), paths.predictions)
         write_csv(pd.DataFrame(columns=["actual", "predicted"]), paths.confusion)
-    summary_figure(read_history(history_path), outcome.task, outcome.confusion, names, outcome.actual, outcome.predicted, paths.summary)
+    summary_figure(history, outcome.task, outcome.confusion, names, outcome.actual, outcome.predicted, paths.summary)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tapework.errors import DataError
 from tapework.io import atomic_write_text
 
 
@@ -28,4 +29,6 @@ def read_history(path: str | Path) -> Any:
     """The history file as a pandas DataFrame (one row per epoch)."""
     import pandas as pd  # imported here: the train stage writes the file without needing pandas
 
+    if not Path(path).is_file():
+        raise DataError(f"{path} is missing: run the train stage first (dvc repro train)")
     return pd.read_csv(path, sep="\t")

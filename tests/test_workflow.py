@@ -13,12 +13,12 @@ RESULT_FOLDERS = ("data", "models", "metrics", "plots")
 
 
 def snapshot(repo: Path) -> dict[str, bytes]:
-    """Every file of every result folder, by path."""
+    """Every file of every result folder, by path (stage lock files aside: they hold the last writer's PID)."""
     return {
         path.relative_to(repo).as_posix(): path.read_bytes()
         for folder in RESULT_FOLDERS
         for path in sorted((repo / folder).rglob("*"))
-        if path.is_file()
+        if path.is_file() and not path.name.endswith(".outputs.lock")
     }
 
 

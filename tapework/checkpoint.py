@@ -53,6 +53,9 @@ class TrainingState:
             variable.assign(saved.numpy())
 
 
+# What reading a damaged checkpoint raises: TensorFlow's read errors, and the IndexError /
+# ValueError its Python reader raises on a truncated or garbled file.
+DAMAGED = (tf.errors.OpError, IndexError, ValueError, AssertionError)
 # Where tf.train.Checkpoint keeps CheckpointStore's fingerprint variable.
 FINGERPRINT_KEY = "fingerprint/.ATTRIBUTES/VARIABLE_VALUE"
 
@@ -86,25 +89,44 @@ class CheckpointStore:
         params or data there. With `source` (a non-chief worker reading the chief's folder) it
         only reads: a foreign or vanishing checkpoint means "start fresh", and nothing is deleted.
         """
-        latest = self.manager.latest_checkpoint if source is None else tf.train.latest_checkpoint(str(source))
-        if latest is None:
+        if source is not None:
+            latest = tf.train.latest_checkpoint(str(source))
+            try:
+                return latest is not None and self._restore(latest)
+            except tf.errors.NotFoundError:
+                return False  # the chief is clearing a checkpoint of another run: it starts fresh, so do we
+        self._clear_unfinished_saves()
+        # Newest first: a damaged latest checkpoint (a truncated file, a zeroed index) falls back to the one before.
+        for path in reversed(self.manager.checkpoints):
+            try:
+                if self._restore(path):
+                    return True
+            except DAMAGED as error:
+                log.warning("checkpoint %s is damaged (%s); trying the one before", path, str(error).splitlines()[0][:200])
+                continue
+            log.info("checkpoint in %s is from other params, data or code; starting fresh", self.directory)
+            break
+        if self.manager.checkpoints:
+            self.clear()
+        return False
+
+    def _restore(self, path: str) -> bool:
+        """Restore `path` if it belongs to this run; False (nothing restored) if it belongs to another."""
+        if tf.train.load_checkpoint(path).get_tensor(FINGERPRINT_KEY).decode() != self.fingerprint:
             return False
-        try:
-            saved = tf.train.load_checkpoint(latest).get_tensor(FINGERPRINT_KEY).decode()
-        except tf.errors.NotFoundError:
-            if source is None:
-                raise
-            return False  # the chief is clearing a checkpoint of another run: it starts fresh, so do we
-        if saved != self.fingerprint:
-            if source is None:
-                log.info("checkpoint in %s is from other params or data; starting fresh", self.directory)
-                self.clear()
-            return False
-        self.checkpoint.restore(latest).assert_existing_objects_matched()
+        self.checkpoint.restore(path).assert_existing_objects_matched()
         return True
 
+    def _clear_unfinished_saves(self) -> None:
+        """A save killed or out of disk space leaves its `ckpt-N_temp` folder: never a checkpoint, always garbage."""
+        for leftover in self.directory.glob("*_temp*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
     def save(self, epoch: int) -> str:
-        return self.manager.save(checkpoint_number=epoch)
+        try:
+            return self.manager.save(checkpoint_number=epoch)
+        finally:
+            self._clear_unfinished_saves()  # a failed save (full disk) must not leave ckpt-N_temp behind
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -210,3 +210,21 @@ def test_evaluate_without_the_history_file_changes_nothing(trained: Path) -> Non
     assert result.returncode == 2 and "train_history.tsv is missing: run the train stage first" in result.stderr
     assert snapshot(trained) == before
     assert json.loads((trained / "metrics" / "evaluate.json").read_text())["test"]["accuracy"] > 0
+
+
+@pytest.mark.parametrize("stage", ["download", "preprocess", "train", "evaluate"])
+def test_every_writing_stage_refuses_a_second_writer_with_one_line(repo_copy: Path, stage: str) -> None:
+    """While one run of a stage holds its lock, a second one started by hand exits 2 naming the first."""
+    command = stage_command(stage, repo_copy)
+    options = dict(zip(command[3::2], command[4::2]))
+    first_output = {"download": "--raw", "preprocess": "--prepared", "train": "--models", "evaluate": "--metrics"}[stage]
+    holder_script = HOLDER.replace('"train", [Path(sys.argv[1]) / "models"]', f'"{stage}", [Path(sys.argv[1])]')
+    holder = subprocess.Popen([sys.executable, "-c", holder_script, options[first_output]], cwd=repo_copy, env=tool_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = run(command, repo_copy, check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: another {stage} run (PID {holder.pid})" in result.stderr and "Traceback" not in result.stderr

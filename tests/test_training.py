@@ -191,3 +191,26 @@ def test_early_stopping_tracks_the_best_epoch_and_its_patience(monitor, values, 
     assert stopped == stops_at
     assert stopping.finish(model, len(values)) == best
     assert float(model.layers[0].kernel.numpy()[0, 0]) == best  # restore_best put the best epoch's weights back
+
+
+@pytest.mark.parametrize("damage", ["truncated data", "zeroed index", "unfinished save"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(digits, tmp_path, damage, caplog):
+    params = train_params(epochs=4)
+    straight = run_training(params, digits, checkpoint_dir=tmp_path / "straight")
+    folder = tmp_path / "resumed"
+    run_training(params, digits, checkpoint_dir=folder, stop_after_epochs=3)  # "crash" after epoch 3
+    if damage == "truncated data":
+        data = next(folder.glob("ckpt-3.data-*"))
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    elif damage == "zeroed index":
+        index = folder / "ckpt-3.index"
+        index.write_bytes(bytes(index.stat().st_size))
+    else:  # what a save killed by a full disk leaves: its temp folder, and the files it never finished
+        (folder / "ckpt-4_temp").mkdir()
+        for path in folder.glob("ckpt-3.*"):
+            path.rename(folder / "ckpt-4_temp" / path.name)
+    with caplog.at_level("INFO", logger="tapework"):
+        resumed = run_training(params, digits, checkpoint_dir=folder)
+    assert "resumed from" in caplog.text and "at epoch 2" in caplog.text
+    assert resumed.history == straight.history
+    assert not list(folder.glob("*_temp*"))

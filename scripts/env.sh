@@ -1,6 +1,7 @@
 # Sourced by the entry scripts: create .venv from a pinned lock file if missing or stale, install
-# this project into it (editable), then activate it. Needs only python3.11 and a package index
-# (PyPI or a configured mirror).
+# this project into it (editable), build the offline `dvc plots` page, then activate it. Needs
+# python3.11 and a package index (PyPI or a configured mirror); the plots page also needs npm and
+# its registry (or a mirror), and set-up goes on without them.
 #   TAPEWORK_LOCK=requirements-gpu.lock  picks the lock (default requirements.lock: CPU-only TensorFlow).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,6 +33,11 @@ if [ "$(cat "$PROJECT_STAMP" 2>/dev/null)" != "$want_project" ]; then
   "$ROOT/.venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e "$ROOT"
   echo "$want_project" > "$PROJECT_STAMP"
 fi
+# The offline page for `dvc plots show/diff`: Vega, Vega-Lite and vega-embed from `npm pack` at the
+# versions pinned in tools/offline_plots.pins, checked, inlined into .offline-plots/page.html and set
+# as plots.html_template in .dvc/config.local. A no-op when current; a failure prints one line and
+# leaves DVC on its default page (which loads Vega from the web), so set-up goes on.
+"$ROOT/.venv/bin/python" -m tools.offline_plots || true
 # shellcheck disable=SC1091
 source "$ROOT/.venv/bin/activate"
 # Quieter TensorFlow logs; no DVC telemetry (also set in .dvc/config) on air-gapped machines.

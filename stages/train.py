@@ -6,7 +6,7 @@ import signal
 from tapework.cli import PARAMS_FILE, run_stage, stage_paths
 from tapework.history import write_history
 from tapework.io import write_json
-from tapework.models import save_model
+from tapework.models import layer_summary, parameter_count, save_model
 from tapework.params import load_params
 from tapework.preprocess import load_prepared
 from tapework.provenance import provenance
@@ -41,11 +41,14 @@ def main() -> None:
     )
     if not is_chief():
         return  # multi-worker: only the chief writes outputs
+    log = logging.getLogger("tapework")
+    for line in layer_summary(result.model):
+        log.info(line)
     save_model(result.model, result.config, paths.models)
-    write_json(paths.metrics, result.summary())
+    write_json(paths.metrics, {**result.summary(), "parameters": parameter_count(result.model)})
     write_json(paths.provenance, provenance(params, "train", paths.prepared, params.train.seed))
     write_history(paths.history, result.history)
-    logging.getLogger("tapework").info("trained %d epochs; kept epoch %d", len(result.history), result.best_epoch)
+    log.info("trained %d epochs; kept epoch %d", len(result.history), result.best_epoch)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import signal
 from tapework.cli import PARAMS_FILE, run_stage, stage_paths
 from tapework.history import write_history
 from tapework.io import write_json
-from tapework.models import save_model
+from tapework.models import layer_summary, parameter_count, save_model
 from tapework.outputs import exclusive, output_set
 from tapework.params import load_params
 from tapework.preprocess import load_prepared
@@ -15,6 +15,9 @@ from tapework.provenance import provenance
 from tapework.runs import run_id
 from tapework.tensorboard import run_log_dir
 from tapework.training import is_chief, train
+
+
+log = logging.getLogger("tapework")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -44,12 +47,14 @@ def main() -> None:
         result = train(params.train, data, checkpoint_dir=paths.checkpoints, log_dir=log_dir)
         if not chief:
             return
+        for line in layer_summary(result.model):
+            log.info(line)
         with output_set("train", outputs) as staged:  # all four replaced together, or none
             save_model(result.model, result.config, staged[paths.models])
-            write_json(staged[paths.metrics], result.summary())
+            write_json(staged[paths.metrics], {**result.summary(), "parameters": parameter_count(result.model)})
             write_json(staged[paths.provenance], provenance(params, "train", paths.prepared, params.train.seed))
             write_history(staged[paths.history], result.history)
-    logging.getLogger("tapework").info("trained %d epochs; kept epoch %d", len(result.history), result.best_epoch)
+    log.info("trained %d epochs; kept epoch %d", len(result.history), result.best_epoch)
 
 
 if __name__ == "__main__":

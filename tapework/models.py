@@ -244,6 +244,26 @@ def assign_weights(model: keras.Model, weights: dict[str, np.ndarray]) -> None:
 
 
 
+def parameter_count(model: keras.Model) -> int:
+    """Trainable plus non-trainable weights (Keras' count; the dropout RNG state is not a parameter)."""
+    return int(model.count_params())
+
+
+def layer_summary(model: keras.Model) -> list[str]:
+    """One line per top-level layer (name, class, parameters), then the total: what train logs.
+
+    Keras' own `summary()` prints "?" for the output shapes of a subclassed model, so this lists
+    what is known for certain: each layer's parameter count.
+    """
+    rows = [(f"{layer.name} ({type(layer).__name__})", layer.count_params()) for layer in model.layers]
+    width = max(len(name) for name, _ in rows)
+    trainable = sum(int(np.prod(variable.shape)) for variable in model.trainable_weights)
+    lines = [f"model {model.name}: layer, parameters"]
+    lines += [f"  {name:<{width}}  {count:>12,}" for name, count in rows]
+    lines.append(f"  {'total':<{width}}  {parameter_count(model):>12,} ({trainable:,} trainable)")
+    return lines
+
+
 def save_model(model: keras.Model, config: dict[str, Any], directory: str | Path) -> None:
     """CONFIG_FILE (builder arguments) + WEIGHTS_FILE (deterministic bytes) in `directory`."""
     directory = Path(directory)
@@ -257,8 +277,8 @@ def load_model(directory: str | Path) -> tuple[keras.Model, dict[str, Any]]:
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise DataError(f"{directory / name} is missing: run the train stage first (dvc repro train)")
-    config = read_json(directory / CONFIG_FILE)
     try:
+        config = read_json(directory / CONFIG_FILE)
         model = build_model(config)
         assign_weights(model, load_npz(directory / WEIGHTS_FILE))
     except (KeyError, TypeError, ValueError) as error:

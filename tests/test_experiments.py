@@ -21,7 +21,7 @@ from tests.test_tensorboard import run_folders
 
 METRICS_FILES = {"metrics/train.json", "metrics/evaluate.json"}
 METRIC_KEYS = {
-    "metrics/train.json": {"best_epoch", "epochs_run", "stopped_early", "train.accuracy", "train.huber", "train.loss", "val.accuracy", "val.huber", "val.loss"},
+    "metrics/train.json": {"best_epoch", "epochs_run", "parameters", "stopped_early", "train.accuracy", "train.huber", "train.loss", "val.accuracy", "val.huber", "val.loss"},
     "metrics/evaluate.json": {"test.accuracy", "test.huber", "test.loss", "test.macro_f1"},
 }
 # Keys that only the provenance JSONs hold: they are plain outs and must never become metrics columns.
@@ -183,7 +183,7 @@ def test_queue_with_two_workers_finishes_both_experiments_intact(repo_copy):
         logged = run_folders(repo_copy)
         assert {name: logged.get(name) for name in rates} == {name: [1, 2, 3] for name in rates}, logged
         for file_name, keys in METRIC_KEYS.items():
-            for key in keys - {"best_epoch", "epochs_run", "stopped_early"}:
+            for key in keys - {"best_epoch", "epochs_run", "parameters", "stopped_early"}:
                 assert first[file_name][key] != second[file_name][key], f"{file_name} {key} equal in both experiments"
     finally:
         stop_queue(repo_copy)

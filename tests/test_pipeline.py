@@ -11,8 +11,9 @@ import pytest
 
 from tests.conftest import run, stage_command, tool_env, update_params
 
-STAGES = ("download", "preprocess", "train", "evaluate")
-OUTPUTS = ("metrics/train.json", "metrics/evaluate.json", "metrics/train.provenance.json", "metrics/evaluate.provenance.json", "metrics/train_history.tsv", "metrics/report.tsv", "models/model.weights.npz", "models/model.json", "plots/confusion.csv", "plots/predictions.csv", "plots/summary.png")
+STAGES = ("download", "preprocess", "train", "evaluate", "export")
+EXPORTED = ("export/model/model_card.json", "export/model/model.tflite", "export/model/saved_model/saved_model.pb", "export/model/saved_model/variables/variables.index", "export/model/saved_model/variables/variables.data-00000-of-00001")
+OUTPUTS = EXPORTED + ("metrics/train.json", "metrics/evaluate.json", "metrics/train.provenance.json", "metrics/evaluate.provenance.json", "metrics/train_history.tsv", "metrics/report.tsv", "models/model.weights.npz", "models/model.json", "plots/confusion.csv", "plots/predictions.csv", "plots/summary.png")
 
 
 def snapshot(repo: Path) -> dict[str, bytes]:
@@ -32,6 +33,12 @@ def test_dvc_repro_end_to_end_skip_diff_and_bitwise_rerun(repo_copy):
     train_metrics = json.loads((repo_copy / "metrics/train.json").read_text())
     test_metrics = json.loads((repo_copy / "metrics/evaluate.json").read_text())
     assert set(train_metrics) >= {"train", "val"} and {"loss", "accuracy", "huber"} <= set(train_metrics["val"])
+    # The train stage logs the layer summary once, ending in the parameter count that train.json and the card hold.
+    parameters = train_metrics["parameters"]
+    assert first.stderr.count("tapework INFO model mlp: layer, parameters") == 1
+    assert f"total {parameters:,} ({parameters:,} trainable)" in " ".join(first.stderr.split())
+    card = json.loads((repo_copy / "export/model/model_card.json").read_text())
+    assert card["model"]["parameters"] == parameters and card["test_metrics"] == test_metrics["test"]
     assert {"loss", "accuracy", "huber", "macro_f1"} <= set(test_metrics["test"])
     assert test_metrics["test"]["accuracy"] > 0.5  # 3 epochs on 400 digits: well above 10% chance
     history = (repo_copy / "metrics/train_history.tsv").read_text().splitlines()
@@ -58,10 +65,10 @@ def test_dvc_repro_end_to_end_skip_diff_and_bitwise_rerun(repo_copy):
     for name in OUTPUTS:
         assert before[name] == after[name], f"{name} differs between two runs with the same params"
 
-    # One param changed: only train and evaluate rerun, and the diff tools show it.
+    # One param changed: only train, evaluate and export rerun, and the diff tools show it.
     update_params(repo_copy / "params.yaml", {"train.learning_rate": 0.003})
     changed = run(["dvc", "repro"], repo_copy)
-    assert "Running stage 'train'" in changed.stdout and "Running stage 'evaluate'" in changed.stdout
+    assert all(f"Running stage '{stage}'" in changed.stdout for stage in ("train", "evaluate", "export"))
     assert "Running stage 'download'" not in changed.stdout and "Running stage 'preprocess'" not in changed.stdout
     metrics_diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo_copy).stdout)
     assert metrics_diff["metrics/evaluate.json"]["test.loss"]["diff"] != 0

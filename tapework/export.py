@@ -1,0 +1,254 @@
+"""The export stage's logic: the trained model as a self-contained TensorFlow SavedModel, a TFLite
+flat buffer converted from it, and a model card, built in a temp folder and renamed into place
+only after both were loaded back and matched the evaluation routine on the test split.
+
+The SavedModel's serving signature (`serving.SIGNATURE_KEY`) takes the raw input the user has:
+uint8 images [N, H, W, C] or float32 feature rows [N, F]; the model standardises them itself. It
+returns `probabilities` and `class_index` (classification) or `prediction` in the target's own
+units (regression). Loading it needs TensorFlow only: no tapework code, no Keras class.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tapework import catalogue
+from tapework.batching import make_dataset
+from tapework.errors import DataError
+from tapework.io import atomic_directory, atomic_write_bytes, read_json, write_json
+from tapework.loop import Evaluator, TaskSpec, outputs_in_target_units, task_spec
+from tapework.metrics import MetricSet
+from tapework.models import parameter_count
+from tapework.preprocess import Prepared
+from tapework.provenance import package_versions
+from tapework.serving import (
+    CARD_FILE,
+    CARD_FORMAT,
+    INPUT_NAME,
+    SAVED_MODEL_DIR,
+    SIGNATURE_KEY,
+    TFLITE_FILE,
+    ServingModel,
+    listed_files,
+    output_names,
+    run_tflite,
+)
+
+log = logging.getLogger(__name__)
+
+# Parity gates, checked on the whole test split before anything is written. Differences are
+# absolute, in probability (classification) or in units of the target's standard deviation
+# (regression). Measured: the SavedModel matches the evaluation routine bit for bit (0.0); TFLite
+# (XNNPACK kernels) differs by a few 1e-7.
+PARITY_TOLERANCE = 1e-5
+# TFLite may flip the class of an example whose top two probabilities tie within its rounding.
+MIN_TFLITE_AGREEMENT = 0.999
+# SavedModel writes a random UUID into this file on every save; loading does not need it, and
+# without it two exports of the same weights are byte-identical.
+FINGERPRINT_FILE = "fingerprint.pb"
+
+
+class ExportError(DataError):
+    """The exported model does not reproduce the evaluated one; nothing was written."""
+
+
+def read_stage_json(path: Path, stage: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A JSON object another stage wrote, with `keys`; anything else is a DataError naming the stage to re-run."""
+    if not path.is_file():
+        raise DataError(f"{path} is missing: run the {stage} stage first (dvc repro)")
+    try:
+        payload = read_json(path)
+    except ValueError as error:
+        raise DataError(f"{path} is not valid JSON ({error}); re-run the {stage} stage (dvc repro)") from None
+    missing = [key for key in keys if not isinstance(payload, dict) or key not in payload]
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing)}; re-run the {stage} stage (dvc repro)")
+    return payload
+
+
+def check_model_matches_data(config: dict[str, Any], meta: dict[str, Any], train_provenance: dict[str, Any], meta_sha256: str, models_dir: Path) -> None:
+    """Refuse a model trained on other data than the prepared folder the card would describe."""
+    if train_provenance["dataset"] != meta["dataset"] or train_provenance["data_sha256"] != meta_sha256:
+        raise DataError(
+            f"{models_dir} was trained on {train_provenance['dataset']} data (meta.json {train_provenance['data_sha256'][:12]}), "
+            f"not on the prepared {meta['dataset']} data (meta.json {meta_sha256[:12]}): re-run the train stage (dvc repro)"
+        )
+    spec = task_spec(meta)
+    normalization = meta["normalization"]
+    expected = {
+        "input_shape": list(meta["input_shape"]),
+        "outputs": spec.outputs,
+        "offset": np.asarray(normalization["offset"], np.float32).tolist(),
+        "scale": np.asarray(normalization["scale"], np.float32).tolist(),
+    }
+    for key, value in expected.items():
+        if config.get(key) != value:
+            raise DataError(f"{models_dir} holds a model with {key} {config.get(key)} but the prepared {meta['dataset']} data needs {value}: re-run the train stage (dvc repro)")
+
+
+def _tf_variable(variable: Any) -> tf.Variable:
+    """The tf.Variable behind a Keras variable."""
+    value = getattr(variable, "value", variable)
+    if not isinstance(value, tf.Variable):
+        raise TypeError(f"model variable {variable.name} is not backed by a tf.Variable ({type(value).__name__})")
+    return value
+
+
+class ServingModule(tf.Module):
+    """What the SavedModel holds: the serving function and the tf.Variables it reads, nothing else."""
+
+    def __init__(self, model: keras.Model, spec: TaskSpec, input_shape: tuple[int, ...], image: bool) -> None:
+        super().__init__(name="tapework_serving")
+        signature = tf.TensorSpec([None, *input_shape], tf.uint8 if image else tf.float32, name=INPUT_NAME)
+
+        def serve(inputs: tf.Tensor) -> dict[str, tf.Tensor]:
+            outputs = outputs_in_target_units(spec, model(inputs, training=False))
+            if spec.task == "classification":
+                # argmax of the logits, as the evaluate stage takes it (the probabilities can round to a tie).
+                return {"probabilities": tf.nn.softmax(outputs), "class_index": tf.argmax(outputs, axis=-1, output_type=tf.int64)}
+            return {"prediction": outputs}
+
+        self.serve = tf.function(serve, input_signature=[signature])
+        # Track the plain tf.Variables the function reads. Tracked through Keras' variable wrappers
+        # (the Keras model as an attribute), TFLite's converter keeps them as resource variables
+        # instead of freezing them into constants, and the flat buffer then returns NaN (measured).
+        self.model_variables = [_tf_variable(variable) for variable in model.variables]
+
+
+def input_spec(data: Prepared) -> dict[str, Any]:
+    """Shape, dtype and value range of the raw input, as the card states them."""
+    meta = data.meta
+    x_train = data.split("train")[0]
+    image = x_train.dtype == np.uint8
+    spec: dict[str, Any] = {
+        "name": INPUT_NAME,
+        "kind": "image" if image else "tabular",
+        "shape": [None, *meta["input_shape"]],
+        "dtype": str(x_train.dtype),
+        "normalization": f"{meta['normalization']['method']}, applied inside the model: pass raw values",
+    }
+    if image:
+        spec["layout"] = "NHWC"
+        # The pixel values the model saw in training: digits are 0-16, the IDX and CIFAR sets 0-255.
+        spec["value_range"] = [int(x_train.min()), int(x_train.max())]
+    else:
+        spec["feature_names"] = list(meta["feature_names"] or [])
+        spec["value_range"] = [[float(low), float(high)] for low, high in zip(x_train.min(axis=0), x_train.max(axis=0))]
+    return spec
+
+
+def output_spec(spec: TaskSpec) -> dict[str, Any]:
+    if spec.task == "classification":
+        return {
+            "probabilities": {"shape": [None, spec.num_classes], "dtype": "float32", "meaning": "softmax over class_names, in order"},
+            "class_index": {"shape": [None], "dtype": "int64", "meaning": "index into class_names of the most probable class"},
+        }
+    return {"prediction": {"shape": [None], "dtype": "float32", "meaning": "the target, in the units `target` names"}}
+
+
+def target_description(dataset: str, task: str, csv_target: str) -> dict[str, Any] | None:
+    """Regression: what the prediction is, from the catalogue (a user CSV: its target column)."""
+    if task != "regression":
+        return None
+    entry = catalogue.DATASETS[dataset]
+    if entry.format == "csv":
+        return {"name": csv_target, "units": "as in the CSV's target column"}
+    return {"name": entry.target_name, "units": entry.target_units}
+
+
+def reference_outputs(model: keras.Model, data: Prepared, batch_size: int, huber_delta: float) -> dict[str, np.ndarray]:
+    """What the evaluate stage's routine (Evaluator, same batches) gives on the test split, as serving outputs."""
+    spec = task_spec(data.meta)
+    metrics = MetricSet(spec.task, spec.num_classes, huber_delta, target_scale=spec.target_scale)
+    x_test, y_test = data.split("test")
+    _, outputs = Evaluator(model, spec, metrics)(make_dataset(x_test, y_test, batch_size), collect_outputs=True)
+    if spec.task == "classification":
+        return {"probabilities": tf.nn.softmax(outputs).numpy(), "class_index": np.argmax(outputs, axis=-1)}
+    return {"prediction": outputs}
+
+
+def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], task: str, target_scale: float) -> dict[str, float]:
+    """Largest absolute difference (probabilities, or predictions in target-scale units) and class agreement."""
+    if task == "classification":
+        return {
+            "max_abs_difference": float(np.max(np.abs(candidate["probabilities"] - reference["probabilities"]))),
+            "class_index_agreement": float(np.mean(candidate["class_index"] == reference["class_index"])),
+        }
+    return {"max_abs_difference": float(np.max(np.abs(candidate["prediction"] - reference["prediction"])) / target_scale)}
+
+
+def check_parity(name: str, measured: dict[str, float], min_agreement: float) -> None:
+    if not measured["max_abs_difference"] <= PARITY_TOLERANCE:
+        raise ExportError(f"the {name} differs from the evaluated model by {measured['max_abs_difference']:.3g} on the test split (allowed {PARITY_TOLERANCE:g}); nothing was exported")
+    agreement = measured.get("class_index_agreement", 1.0)
+    if agreement < min_agreement:
+        raise ExportError(f"the {name} agrees with the evaluated model's class on {agreement:.2%} of the test split (needs {min_agreement:.1%}); nothing was exported")
+
+
+def export_model(
+    model: keras.Model,
+    config: dict[str, Any],
+    data: Prepared,
+    directory: str | Path,
+    *,
+    batch_size: int,
+    huber_delta: float,
+    csv_target: str,
+    test_metrics: dict[str, Any],
+    train_provenance: dict[str, Any],
+    model_sha256: str,
+) -> dict[str, Any]:
+    """Write SavedModel, TFLite file and card into `directory` as one all-or-nothing folder; returns the card."""
+    meta = data.meta
+    spec = task_spec(meta)
+    image = data.split("train")[0].dtype == np.uint8
+    reference = reference_outputs(model, data, batch_size, huber_delta)
+    x_test = data.split("test")[0]
+    card: dict[str, Any] = {
+        "format": CARD_FORMAT,
+        "dataset": meta["dataset"],
+        "task": spec.task,
+        "input": input_spec(data),
+        "outputs": output_spec(spec),
+        "class_names": list(meta["class_names"]) if spec.task == "classification" else None,
+        "target": target_description(meta["dataset"], spec.task, csv_target),
+        "model": {
+            "family": config["model"],
+            "settings": config["settings"],
+            "parameters": parameter_count(model),
+            "trainable_parameters": int(sum(np.prod(variable.shape) for variable in model.trainable_weights)),
+        },
+        "training": {key: train_provenance[key] for key in ("dataset", "seed", "data_sha256", "params_sha256")} | {"model_sha256": model_sha256},
+        "test_metrics": test_metrics,
+        "serving": {"saved_model": SAVED_MODEL_DIR, "signature": SIGNATURE_KEY, "input": INPUT_NAME, "outputs": list(output_names(spec.task)), "tflite": TFLITE_FILE, "batch_size": batch_size},
+        "packages": package_versions(),
+    }
+    with atomic_directory(directory) as temp:
+        module = ServingModule(model, spec, tuple(meta["input_shape"]), image)
+        saved_dir = temp / SAVED_MODEL_DIR
+        tf.saved_model.save(module, str(saved_dir), signatures={SIGNATURE_KEY: module.serve})
+        (saved_dir / FINGERPRINT_FILE).unlink(missing_ok=True)
+        flat_buffer = tf.lite.TFLiteConverter.from_saved_model(str(saved_dir), signature_keys=[SIGNATURE_KEY]).convert()
+        atomic_write_bytes(temp / TFLITE_FILE, flat_buffer)
+        card["files"] = listed_files(temp)
+        # Load both back as a user would and hold them against the evaluation routine.
+        served = ServingModel(temp, card)(x_test)
+        saved_parity = compare(reference, served, spec.task, spec.target_scale)
+        check_parity("SavedModel", saved_parity, 1.0)
+        tflite_parity = compare(served, run_tflite(temp / TFLITE_FILE, x_test), spec.task, spec.target_scale)
+        check_parity("TFLite model", tflite_parity, MIN_TFLITE_AGREEMENT)
+        card["parity"] = {
+            "examples": len(x_test),
+            "saved_model_vs_evaluation": saved_parity,
+            "tflite_vs_saved_model": tflite_parity,
+            "tolerance": PARITY_TOLERANCE,
+        }
+        write_json(temp / CARD_FILE, card)
+    log.info("export: parity on %d test examples: SavedModel %s, TFLite %s", len(x_test), saved_parity, tflite_parity)
+    return card

@@ -40,6 +40,6 @@ fi
 "$ROOT/.venv/bin/python" -m tools.offline_plots || true
 # shellcheck disable=SC1091
 source "$ROOT/.venv/bin/activate"
-# Quieter TensorFlow logs; no DVC telemetry (also set in .dvc/config) on air-gapped machines.
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+# No DVC telemetry (also set in .dvc/config) on air-gapped machines. TensorFlow's log level is
+# not set here: each stage sets it itself (tapework/quiet.py), and a value exported by the user wins.
 export DVC_NO_ANALYTICS=1

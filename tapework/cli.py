@@ -46,6 +46,11 @@ def configure_logging() -> None:
     level = os.environ.get("TAPEWORK_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("absl").setLevel(logging.WARNING)  # TF's checkpoint code logs at INFO every save
+    # TensorFlow's Python logger: its INFO is per-call chatter (tf.distribute's "Reduce to ..."), and the
+    # handler it adds when TensorFlow logs before this configuration would print every record twice.
+    tensorflow_logger = logging.getLogger("tensorflow")
+    tensorflow_logger.setLevel(logging.WARNING)
+    tensorflow_logger.handlers.clear()
 
 
 def run_stage(main: Callable[[], None]) -> None:

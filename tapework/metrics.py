@@ -148,6 +148,15 @@ class MetricSet:
                 metric.update_state(labels, outputs)
             self.huber.update_state(labels, outputs)
 
+    @property
+    def main(self) -> keras.metrics.Metric:
+        """The metric a progress bar shows beside the loss: accuracy (classification) or mae (regression)."""
+        return self.others[0]
+
+    def running(self) -> dict[str, float]:
+        """The loss and main metric accumulated so far (reading them waits for the device)."""
+        return {metric.name: float(metric.result()) for metric in (self.loss, self.main)}
+
     def reset(self) -> None:
         for metric in self.all:
             metric.reset_state()

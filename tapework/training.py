@@ -62,14 +62,24 @@ class TrainResult:
         }
 
 
-def train_epoch(train_function: Any, dataset: Any, steps: int, epoch: int, train_params: TrainParams) -> int:
-    """Run one epoch of compiled steps; returns how many steps were skipped for a non-finite loss."""
+def train_epoch(train_function: Any, dataset: Any, steps: int, epoch: int, train_params: TrainParams, metrics: MetricSet | None = None) -> int:
+    """Run one epoch of compiled steps; returns how many steps were skipped for a non-finite loss.
+
+    On a terminal (stderr a TTY) a progress bar counts the steps and, given the train `metrics`,
+    shows the running loss and main metric (accuracy or mae) after each compiled call.
+    """
     iterator = iter(dataset)
     done = skipped = 0
-    with tqdm(total=steps, desc=f"epoch {epoch}", unit="step", leave=False, disable=not sys.stderr.isatty()) as bar:
+    shown = sys.stderr.isatty()
+    # Reading the metrics waits for the device, so only a drawn bar does it. Under multi_worker the
+    # read is a collective across workers, which would hang unless every worker had a terminal.
+    postfix = metrics if shown and train_params.distribute != "multi_worker" else None
+    with tqdm(total=steps, desc=f"epoch {epoch}", unit="step", leave=False, disable=not shown) as bar:
         while True:
             ran, bad = (int(value) for value in train_function(iterator))
             done += ran
+            if postfix is not None:
+                bar.set_postfix({name: f"{value:.4f}" for name, value in postfix.running().items()}, refresh=False)
             bar.update(ran)
             if bad and train_params.on_nonfinite == "error":
                 raise NonFiniteLossError(
@@ -150,7 +160,7 @@ def train(
             dataset = make_dataset(x_train, y_train, train_params.batch_size, seed=train_params.seed, epoch=epoch, drop_remainder=train_params.drop_remainder)
             if strategy is not None:
                 dataset = distribute_dataset(strategy, dataset)
-            skipped = train_epoch(train_function, dataset, steps, epoch, train_params)
+            skipped = train_epoch(train_function, dataset, steps, epoch, train_params, train_metrics)
             if skipped:
                 log.warning("epoch %d: skipped %d step(s) with a non-finite loss", epoch, skipped)
             train_results = train_metrics.results()  # on-read metric variables: summed over replicas (and workers) here

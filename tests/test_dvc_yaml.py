@@ -22,8 +22,10 @@ def tapework_imports(path: Path) -> set[str]:
 
 
 def code_closure(script: Path) -> set[str]:
-    """The stage script plus every tapework module it imports, directly or not."""
-    seen, pending = set(), [script]
+    """The stage script, its package's __init__.py (`python -m stages.<verb>` runs it first), and
+    every tapework module they import, directly or not."""
+    package_init = script.parent / "__init__.py"
+    seen, pending = {package_init}, [script, package_init]
     while pending:
         current = pending.pop()
         for module in tapework_imports(current):

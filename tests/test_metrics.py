@@ -101,3 +101,15 @@ def test_regression_metrics_average_per_example_not_per_batch():
     assert results["rmse"] == pytest.approx(np.sqrt((1 + 1 + 1 + 9) / 4))
     assert results["huber"] == pytest.approx((0.5 * 3 + 0.5 * 9) / 4)
     assert results["loss"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("task, main", [("classification", "accuracy"), ("regression", "mae")])
+def test_running_reads_the_loss_and_main_metric_the_progress_bar_shows(task, main):
+    metrics = MetricSet(task, 3 if task == "classification" else 1, 0.5)
+    labels = np.array([0, 2, 1, 2]) if task == "classification" else np.array([1.0, 2.0, 3.0, 4.0])
+    outputs = np.eye(3, dtype="float32")[[0, 1, 1, 2]] * 4 if task == "classification" else np.array([1.5, 2.0, 2.0, 4.5], "float32")
+    metrics.update(labels, outputs, np.array([0.5, 1.0, 1.5, 2.0], "float32"))
+    running = metrics.running()
+    assert list(running) == ["loss", main]
+    results = metrics.results()
+    assert running == {"loss": results["loss"], main: results[main]} and running["loss"] == pytest.approx(1.25)

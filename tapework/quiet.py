@@ -94,6 +94,12 @@ NOISE = (
         _record(rb"E", b"tfg_optimizer_hook.cc", rb"tfg_optimizer\{.*\} failed: INVALID_ARGUMENT: Node \S+ has an empty op name"),
         re.compile(rb"\twhen importing GraphDef to MLIR module in GrapplerHook$"),
     ),
+    # The TFLite converter (export stage) reports two options it ignores for SavedModel input: the
+    # converter's defaults, which the export does not set; and LiteRT's interpreter announces its
+    # default CPU delegate at INFO level through its own logger, which TF_CPP_MIN_LOG_LEVEL does not reach.
+    Noise("TFLite converter: ignored output_format", _record(rb"W", b"tf_tfl_flatbuffer_helpers.cc", rb"Ignored output_format\.")),
+    Noise("TFLite converter: ignored drop_control_dependency", _record(rb"W", b"tf_tfl_flatbuffer_helpers.cc", rb"Ignored drop_control_dependency\.")),
+    Noise("LiteRT delegate notice", re.compile(rb"INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.$")),
     Noise(
         "remapper bug: optimisation skipped",
         _record(

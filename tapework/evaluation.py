@@ -35,6 +35,7 @@ class Outcome:
     actual: np.ndarray
     predicted: np.ndarray  # class ids (classification) or values in target units (regression)
     confusion: np.ndarray | None
+    outputs: np.ndarray  # the Evaluator's per-example outputs: logits, or values in target units
 
 
 def evaluate_model(model: keras.Model, data: Prepared, batch_size: int, huber_delta: float) -> Outcome:
@@ -46,8 +47,8 @@ def evaluate_model(model: keras.Model, data: Prepared, batch_size: int, huber_de
         confusion = metrics.confusion_matrix()
         report = per_class_report(confusion, data.meta["class_names"])
         results["macro_f1"] = float(report.loc[report["class"] == "macro avg", "f1"].iloc[0])
-        return Outcome(spec.task, results, y_test, np.argmax(outputs, axis=-1), confusion)
-    return Outcome(spec.task, results, y_test, outputs, None)
+        return Outcome(spec.task, results, y_test, np.argmax(outputs, axis=-1), confusion, outputs)
+    return Outcome(spec.task, results, y_test, outputs, None, outputs)
 
 
 def write_reports(outcome: Outcome, meta: dict[str, Any], history: pd.DataFrame, paths: ReportPaths) -> None:

@@ -2,6 +2,10 @@
 flat buffer converted from it, and a model card, built in a temp folder and renamed into place
 only after both were loaded back and matched the evaluation routine on the test split.
 
+The test metrics on the card and the reference outputs for that check come from one run of the
+evaluate stage's routine (`evaluation.evaluate_model`, same batches), so the export needs no
+file of the evaluate stage and runs beside it.
+
 The SavedModel's serving signature (`serving.SIGNATURE_KEY`) takes the raw input the user has:
 uint8 images [N, H, W, C] or float32 feature rows [N, F]; the model standardises them itself. It
 returns `probabilities` and `class_index` (classification) or `prediction` in the target's own
@@ -19,11 +23,10 @@ import numpy as np
 import tensorflow as tf
 
 from tapework import catalogue
-from tapework.batching import make_dataset
 from tapework.errors import DataError
-from tapework.io import atomic_directory, atomic_write_bytes, read_json, write_json
-from tapework.loop import Evaluator, TaskSpec, outputs_in_target_units, task_spec
-from tapework.metrics import MetricSet
+from tapework.evaluation import evaluate_model
+from tapework.io import atomic_directory, atomic_write_bytes, write_json
+from tapework.loop import TaskSpec, outputs_in_target_units, task_spec
 from tapework.models import parameter_count
 from tapework.preprocess import Prepared
 from tapework.provenance import package_versions
@@ -58,27 +61,13 @@ class ExportError(DataError):
     """The exported model does not reproduce the evaluated one; nothing was written."""
 
 
-def read_stage_json(path: Path, stage: str, keys: tuple[str, ...]) -> dict[str, Any]:
-    """A JSON object another stage wrote, with `keys`; anything else is a DataError naming the stage to re-run."""
-    if not path.is_file():
-        raise DataError(f"{path} is missing: run the {stage} stage first (dvc repro)")
-    try:
-        payload = read_json(path)
-    except ValueError as error:
-        raise DataError(f"{path} is not valid JSON ({error}); re-run the {stage} stage (dvc repro)") from None
-    missing = [key for key in keys if not isinstance(payload, dict) or key not in payload]
-    if missing:
-        raise DataError(f"{path} lacks {', '.join(missing)}; re-run the {stage} stage (dvc repro)")
-    return payload
+def check_model_matches_data(config: dict[str, Any], meta: dict[str, Any], models_dir: Path) -> None:
+    """Refuse a model trained on other data than the prepared folder the card would describe.
 
-
-def check_model_matches_data(config: dict[str, Any], meta: dict[str, Any], train_provenance: dict[str, Any], meta_sha256: str, models_dir: Path) -> None:
-    """Refuse a model trained on other data than the prepared folder the card would describe."""
-    if train_provenance["dataset"] != meta["dataset"] or train_provenance["data_sha256"] != meta_sha256:
-        raise DataError(
-            f"{models_dir} was trained on {train_provenance['dataset']} data (meta.json {train_provenance['data_sha256'][:12]}), "
-            f"not on the prepared {meta['dataset']} data (meta.json {meta_sha256[:12]}): re-run the train stage (dvc repro)"
-        )
+    The model carries the input shape, output count and standardisation statistics of the data it
+    was trained on; the statistics come from the training split, so other data (another data
+    set, or the same one split or subsampled otherwise) shows in them.
+    """
     spec = task_spec(meta)
     normalization = meta["normalization"]
     expected = {
@@ -89,7 +78,7 @@ def check_model_matches_data(config: dict[str, Any], meta: dict[str, Any], train
     }
     for key, value in expected.items():
         if config.get(key) != value:
-            raise DataError(f"{models_dir} holds a model with {key} {config.get(key)} but the prepared {meta['dataset']} data needs {value}: re-run the train stage (dvc repro)")
+            raise DataError(f"{models_dir} holds a model trained on other data ({key} {config.get(key)}) than the prepared {meta['dataset']} data ({key} {value}): re-run the train stage (dvc repro)")
 
 
 def _tf_variable(variable: Any) -> tf.Variable:
@@ -162,15 +151,12 @@ def target_description(dataset: str, task: str, csv_target: str) -> dict[str, An
     return {"name": entry.target_name, "units": entry.target_units}
 
 
-def reference_outputs(model: keras.Model, data: Prepared, batch_size: int, huber_delta: float) -> dict[str, np.ndarray]:
-    """What the evaluate stage's routine (Evaluator, same batches) gives on the test split, as serving outputs."""
-    spec = task_spec(data.meta)
-    metrics = MetricSet(spec.task, spec.num_classes, huber_delta, target_scale=spec.target_scale)
-    x_test, y_test = data.split("test")
-    _, outputs = Evaluator(model, spec, metrics)(make_dataset(x_test, y_test, batch_size), collect_outputs=True)
-    if spec.task == "classification":
-        return {"probabilities": tf.nn.softmax(outputs).numpy(), "class_index": np.argmax(outputs, axis=-1)}
-    return {"prediction": outputs}
+def evaluated(model: keras.Model, data: Prepared, batch_size: int, huber_delta: float) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The evaluate stage's test metrics and its per-example outputs on the test split, as serving outputs."""
+    outcome = evaluate_model(model, data, batch_size, huber_delta)
+    if outcome.task == "classification":
+        return outcome.results, {"probabilities": tf.nn.softmax(outcome.outputs).numpy(), "class_index": outcome.predicted}
+    return outcome.results, {"prediction": outcome.outputs}
 
 
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], task: str, target_scale: float) -> dict[str, float]:
@@ -200,15 +186,16 @@ def export_model(
     batch_size: int,
     huber_delta: float,
     csv_target: str,
-    test_metrics: dict[str, Any],
-    train_provenance: dict[str, Any],
-    model_sha256: str,
+    training: dict[str, Any],
 ) -> dict[str, Any]:
-    """Write SavedModel, TFLite file and card into `directory` as one all-or-nothing folder; returns the card."""
+    """Write SavedModel, TFLite file and card into `directory` as one all-or-nothing folder; returns the card.
+
+    `training` says where the model came from (data, params and weights hashes, seed): the card's `training`.
+    """
     meta = data.meta
     spec = task_spec(meta)
     image = data.split("train")[0].dtype == np.uint8
-    reference = reference_outputs(model, data, batch_size, huber_delta)
+    test_metrics, reference = evaluated(model, data, batch_size, huber_delta)
     x_test = data.split("test")[0]
     card: dict[str, Any] = {
         "format": CARD_FORMAT,
@@ -224,7 +211,7 @@ def export_model(
             "parameters": parameter_count(model),
             "trainable_parameters": int(sum(np.prod(variable.shape) for variable in model.trainable_weights)),
         },
-        "training": {key: train_provenance[key] for key in ("dataset", "seed", "data_sha256", "params_sha256")} | {"model_sha256": model_sha256},
+        "training": training,
         "test_metrics": test_metrics,
         "serving": {"saved_model": SAVED_MODEL_DIR, "signature": SIGNATURE_KEY, "input": INPUT_NAME, "outputs": list(output_names(spec.task)), "tflite": TFLITE_FILE, "batch_size": batch_size},
         "packages": package_versions(),

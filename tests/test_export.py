@@ -21,7 +21,8 @@ import yaml
 
 from tapework import predict
 from tapework.errors import DataError
-from tapework.export import PARITY_TOLERANCE, ExportError, check_model_matches_data, export_model, reference_outputs
+from tapework.evaluation import evaluate_model
+from tapework.export import PARITY_TOLERANCE, ExportError, check_model_matches_data, evaluated, export_model
 from tapework.io import file_digest
 from tapework.models import build_model, layer_summary, model_config, parameter_count
 from tapework.preprocess import META_FILE, RawDataset, prepare, write_prepared
@@ -66,14 +67,14 @@ def model_for(data, family="mlp", seed=0):
     return build_model(config), config
 
 
-def provenance_for(tmp_path, data):
-    return {"dataset": data.meta["dataset"], "seed": 0, "data_sha256": file_digest(tmp_path / "prepared" / META_FILE), "params_sha256": "0" * 64}
+def training_for(tmp_path, data):
+    return {"dataset": data.meta["dataset"], "seed": 0, "data_sha256": file_digest(tmp_path / "prepared" / META_FILE), "params_sha256": "0" * 64, "model_sha256": "f" * 64}
 
 
 def export(tmp_path, data, model, config, target="export"):
     return export_model(
         model, config, data, tmp_path / target, batch_size=32, huber_delta=0.5, csv_target="target",
-        test_metrics={"loss": 1.0}, train_provenance=provenance_for(tmp_path, data), model_sha256="f" * 64,
+        training=training_for(tmp_path, data),
     )
 
 
@@ -111,9 +112,11 @@ def test_every_image_family_exports_with_bitwise_saved_model_and_close_tflite(tm
     assert card["input"] == {"name": "inputs", "kind": "image", "shape": [None, 8, 8, 1], "dtype": "uint8", "layout": "NHWC", "value_range": [0, 16], "normalization": card["input"]["normalization"]}
     assert card["class_names"] == ["zero", "one", "two"] and card["target"] is None
     assert card["model"]["family"] == family and card["model"]["parameters"] == parameter_count(model) > 0
+    assert card["test_metrics"] == evaluate_model(model, data, 32, 0.5).results  # the evaluate stage's routine and numbers
+    assert card["training"] == training_for(tmp_path, data)
 
     x_test = data.split("test")[0]
-    reference = reference_outputs(model, data, 32, 0.5)
+    _, reference = evaluated(model, data, 32, 0.5)
     served = ServingModel(folder)(x_test)
     np.testing.assert_array_equal(served["probabilities"], reference["probabilities"])  # bitwise
     np.testing.assert_array_equal(served["class_index"], reference["class_index"])
@@ -135,7 +138,7 @@ def test_regression_export_predicts_in_target_units_with_the_catalogue_target(tm
     assert len(card["input"]["value_range"]) == len(FEATURES)
     x_test = data.split("test")[0]
     served = ServingModel(tmp_path / "export")(x_test)
-    reference = reference_outputs(model, data, 32, 0.5)["prediction"]
+    reference = evaluated(model, data, 32, 0.5)[1]["prediction"]
     np.testing.assert_array_equal(served["prediction"], reference)
     scale = data.meta["target"]["scale"]
     # In the target's units: the raw model output times the target's scale plus its offset.
@@ -189,14 +192,13 @@ def test_failed_parity_check_writes_nothing_and_keeps_the_previous_export(tmp_pa
 def test_model_from_other_data_is_refused(tmp_path):
     digits = prepared(tmp_path, digit_like_images(), "digits")
     _, config = model_for(digits)
-    provenance = provenance_for(tmp_path, digits)
-    check_model_matches_data(config, digits.meta, provenance, provenance["data_sha256"], Path("models"))
-    other = prepare(digit_like_images(seed=5), make_params().preprocess, "digits")
-    with pytest.raises(DataError, match="not on the prepared digits data .* re-run the train stage"):
-        check_model_matches_data(config, other.meta, provenance, "a" * 64, Path("models"))
+    check_model_matches_data(config, digits.meta, Path("models"))
+    other = prepare(digit_like_images(seed=5), make_params().preprocess, "digits")  # same data set, other images
+    with pytest.raises(DataError, match=r"models holds a model trained on other data \(offset \[[0-9.]+\]\) than the prepared digits data \(offset \[[0-9.]+\]\): re-run the train stage"):
+        check_model_matches_data(config, other.meta, Path("models"))
     wider = prepare(RawDataset(np.zeros((100, 4, 4, 1), np.uint8), np.arange(100) % 3, None, None, "classification", ("a", "b", "c"), None, (4, 4, 1)), make_params().preprocess, "digits")
-    with pytest.raises(DataError, match=r"input_shape \[8, 8, 1\] but the prepared digits data needs \[4, 4, 1\]"):
-        check_model_matches_data(config, wider.meta, provenance, provenance["data_sha256"], Path("models"))
+    with pytest.raises(DataError, match=r"\(input_shape \[8, 8, 1\]\) than the prepared digits data \(input_shape \[4, 4, 1\]\)"):
+        check_model_matches_data(config, wider.meta, Path("models"))
 
 
 def test_residual_mlp_parameter_count_and_summary():

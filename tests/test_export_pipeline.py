@@ -15,6 +15,7 @@ import yaml
 from tapework.batching import make_dataset
 from tapework.catalogue import FASHION_CLASSES
 from tapework.export import PARITY_TOLERANCE
+from tapework.io import file_digest
 from tapework.loop import Evaluator, task_spec
 from tapework.metrics import MetricSet
 from tapework.models import load_model
@@ -85,8 +86,12 @@ def check_parity(repo: Path, min_tflite_agreement: float) -> dict[str, float]:
     bound = float(np.max(np.abs(lite["probabilities"] - served["probabilities"])))
     agreement = float(np.mean(lite["class_index"] == served["class_index"]))
     assert bound <= PARITY_TOLERANCE and agreement >= min_tflite_agreement, (bound, agreement)
-    card = json.loads((repo / MODEL_DIR / "model_card.json").read_text())["parity"]
-    assert card["tflite_vs_saved_model"] == {"max_abs_difference": bound, "class_index_agreement": agreement}
+    card = json.loads((repo / MODEL_DIR / "model_card.json").read_text())
+    assert card["parity"]["tflite_vs_saved_model"] == {"max_abs_difference": bound, "class_index_agreement": agreement}
+    # The card's numbers and hashes are the evaluate and train stages' own.
+    assert card["test_metrics"] == json.loads((repo / "metrics/evaluate.json").read_text())["test"]
+    trained = json.loads((repo / "metrics/train.provenance.json").read_text())
+    assert card["training"] == {key: trained[key] for key in ("dataset", "seed", "data_sha256", "params_sha256")} | {"model_sha256": file_digest(repo / "models/model.weights.npz")}
     return {"examples": len(x_test), "tflite_max_abs_difference": bound, "tflite_class_agreement": agreement}
 
 
@@ -108,7 +113,7 @@ def predict_files(repo: Path, *argv: str, **env: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_export_stage_refuses_missing_corrupt_or_foreign_model_files(repo_copy):
-    run(["dvc", "repro", "evaluate"], repo_copy)
+    run(["dvc", "repro", "train"], repo_copy)
     command = stage_command("export", repo_copy)
     models = repo_copy / "models"
     saved = {path.name: path.read_bytes() for path in models.iterdir()}
@@ -128,15 +133,11 @@ def test_export_stage_refuses_missing_corrupt_or_foreign_model_files(repo_copy):
     refused("models/model.weights.npz is not a valid array archive")
     (models / "model.json").write_text("{not json")
     refused("models does not hold a model this code can rebuild")
-    evaluated = repo_copy / "metrics/evaluate.json"
-    evaluated.rename(repo_copy / "evaluate.json.kept")
-    refused("metrics/evaluate.json is missing: run the evaluate stage first")
-    (repo_copy / "evaluate.json.kept").rename(evaluated)
     # Prepared data of another data set beside the digits model.
     update_params(repo_copy / "params.yaml", {"download.dataset": "diabetes"})
     run(stage_command("download", repo_copy), repo_copy)
     run(stage_command("preprocess", repo_copy), repo_copy)
-    refused("models was trained on digits data")
+    refused("models holds a model trained on other data (input_shape [8, 8, 1]) than the prepared diabetes data (input_shape [10])")
 
 
 @pytest.mark.slow

@@ -101,10 +101,7 @@ def test_exp_run_set_param_and_show_columns_without_clashes(repo_copy):
     assert len(header) == len(set(header)), f"duplicate columns: {sorted(c for c in header if header.count(c) > 1)}"
     assert metric_columns | {"train.learning_rate", "train.huber_delta"} <= set(header)
     assert not [column for column in header if column.split(".")[0] in PROVENANCE_KEYS]
-    # The provenance JSONs are plain outputs, never metrics. The export stage reads the train
-    # provenance, so `dvc exp show` lists it among the dependencies (a hash column, like data/prepared).
-    assert "metrics/evaluate.provenance.json" not in header
-    assert "metrics/train.provenance.json" in found[name]["data"]["deps"] and "metrics/train.provenance.json" not in found[name]["data"]["metrics"]
+    assert "metrics/train.provenance.json" not in header and "metrics/evaluate.provenance.json" not in header
     row = next(row for row in rows if row[0] == name)
     assert float(row[header.index("train.learning_rate")]) == 0.003
     assert float(row[header.index("test.loss")]) == values["metrics/evaluate.json"]["test.loss"]

@@ -32,6 +32,12 @@ def produced(tmp_path_factory) -> Path:
     return repo
 
 
+def restore_params(repo: Path) -> None:
+    """The documented recovery. Not `git checkout -- params.yaml`: git can take DVC's same-size
+    rewrite, made within the second git last looked at the file, for unchanged and keep it."""
+    (repo / "params.yaml").write_bytes(run(["git", "show", "HEAD:params.yaml"], repo).stdout.encode())
+
+
 BAD_CHANGES = [
     ("train.model=cnnn", "train.model", "did you mean 'cnn'"),  # a typo in a value
     # A typo in a key: `+` is DVC's override syntax for a key params.yaml does not have yet.
@@ -60,7 +66,7 @@ def test_invalid_params_leave_every_result_untouched(produced: Path, change: str
         assert len(errors) == 1 and named in errors[0] and hint in errors[0], result.stderr
         assert snapshot(produced) == before
     finally:
-        run(["git", "checkout", "--", "params.yaml"], produced)
+        restore_params(produced)
     # The documented recovery puts the workspace back to the committed run.
     run(["dvc", "checkout"], produced)
     assert run(["dvc", "status"], produced).stdout.strip() == "Data and pipelines are up to date."
@@ -77,5 +83,6 @@ def test_a_valid_train_change_reruns_only_train_and_evaluate(produced: Path) -> 
         for stage in ("train", "evaluate"):
             assert f"Running stage '{stage}'" in result.stdout, result.stdout
     finally:
-        run(["git", "checkout", "--", "params.yaml", "dvc.lock", "metrics", "plots"], produced)
+        restore_params(produced)
+        run(["git", "checkout", "--", "dvc.lock", "metrics", "plots"], produced)
         run(["dvc", "checkout", "--force"], produced)

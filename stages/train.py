@@ -37,7 +37,7 @@ def main() -> None:
     data = load_prepared(paths.prepared)
     log_dir = run_log_dir(paths.logs, run_id(params.train, data.meta)) if params.train.tensorboard else None
     result = train(params.train, data, checkpoint_dir=paths.checkpoints, log_dir=log_dir)
-    if not is_chief():
+    if not is_chief(params.train.distribute):
         return  # multi-worker: only the chief writes outputs
     save_model(result.model, result.config, paths.models)
     write_json(paths.metrics, result.summary())

@@ -40,7 +40,7 @@ def main() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell starts background jobs with it ignored
         signal.signal(signum, _interrupt)
     outputs = [paths.models, paths.metrics, paths.history, paths.provenance]
-    chief = is_chief()  # multi-worker: only the chief writes outputs, so only it takes their lock
+    chief = is_chief(params.train.distribute)  # multi-worker: only the chief writes outputs, so only it takes their lock
     with exclusive("train", outputs) if chief else contextlib.nullcontext():
         data = load_prepared(paths.prepared)
         log_dir = run_log_dir(paths.logs, run_id(params.train, data.meta)) if params.train.tensorboard else None

@@ -34,6 +34,7 @@ class RemoteFile:
     name: str  # file name in the cache, on a mirror and in data/raw
     url: str | None  # canonical URL; None = only reachable through a mirror
     sha256: str  # pinned SHA-256 of the canonical bytes
+    size: int  # bytes of the canonical file: a download stops beyond it, a body of another length is refused
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,8 @@ IDX_FILES = (
 )
 
 
-def _idx_files(base_url: str, pins: tuple[str, str, str, str]) -> tuple[RemoteFile, ...]:
-    return tuple(RemoteFile(name, base_url + name, pin) for name, pin in zip(IDX_FILES, pins, strict=True))
+def _idx_files(base_url: str, pins: tuple[str, str, str, str], sizes: tuple[int, int, int, int]) -> tuple[RemoteFile, ...]:
+    return tuple(RemoteFile(name, base_url + name, pin, size) for name, pin, size in zip(IDX_FILES, pins, sizes, strict=True))
 
 
 _DATASET_LIST = (
@@ -98,6 +99,7 @@ _DATASET_LIST = (
                 "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
                 "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
             ),
+            (9_912_422, 28_881, 1_648_877, 4_542),
         ),
         class_names=DIGIT_CLASSES,
         image_shape=(28, 28, 1),
@@ -113,6 +115,7 @@ _DATASET_LIST = (
                 "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
                 "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
             ),
+            (26_421_880, 29_515, 4_422_102, 5_148),
         ),
         class_names=FASHION_CLASSES,
         image_shape=(28, 28, 1),
@@ -125,6 +128,7 @@ _DATASET_LIST = (
                 "cifar-10-binary.tar.gz",
                 "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
                 "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
+                170_052_171,
             ),
         ),
         class_names=CIFAR10_CLASSES,
@@ -138,7 +142,7 @@ _DATASET_LIST = (
     # No canonical URL serves the bare file, so it is fetched only through download.mirror / TAPEWORK_MIRROR.
     DatasetSpec(
         "california_housing", "regression", "california_housing",
-        (RemoteFile("cal_housing.data", None, "a2b44dcc7e1c9091b43c4f458b25cbd1f7e8068d08edd26bc4703108d3fa6214"),),
+        (RemoteFile("cal_housing.data", None, "a2b44dcc7e1c9091b43c4f458b25cbd1f7e8068d08edd26bc4703108d3fa6214", 2_071_484),),
         target_name="median house value of a block group", target_units="US dollars (1990 census)",
     ),
     DatasetSpec("csv", None, "csv"),  # task, target and columns come from download.csv

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tapework.errors import TapeworkError
+from tapework.errors import EnvironmentSettingError, TapeworkError
 from tapework.params import ParamsError
 
 log = logging.getLogger("tapework")
@@ -43,7 +43,10 @@ def stage_paths(stage: str, **paths: str) -> argparse.Namespace:
 
 
 def configure_logging() -> None:
-    level = os.environ.get("TAPEWORK_LOG_LEVEL", "INFO").upper()
+    setting = os.environ.get("TAPEWORK_LOG_LEVEL", "")
+    level = setting.strip().upper() or "INFO"
+    if level not in logging.getLevelNamesMapping():
+        raise EnvironmentSettingError(f"TAPEWORK_LOG_LEVEL={setting!r} is invalid: set it to DEBUG, INFO, WARNING or ERROR, or unset it (INFO).")
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("absl").setLevel(logging.WARNING)  # TF's checkpoint code logs at INFO every save
     # TensorFlow's Python logger: its INFO is per-call chatter (tf.distribute's "Reduce to ..."), and the
@@ -55,8 +58,8 @@ def configure_logging() -> None:
 
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(); turn user-fixable errors into one line on stderr and a non-zero exit."""
-    configure_logging()
     try:
+        configure_logging()
         main()
     except (ParamsError, TapeworkError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,9 @@ import numpy as np
 
 from tapework import parsers
 from tapework.catalogue import DATASETS, IDX_FILES, DatasetSpec
-from tapework.download import cache_path, download_file, effective_mirror, resolve_url, safe_extract, url_scheme
+from tapework.download import cache_path, download_file, effective_mirror, local_path, prepare_cache, resolve_url, safe_extract, url_scheme
 from tapework.errors import DataError, DownloadError
-from tapework.io import file_digest, load_npz, read_json, save_npz, write_json
+from tapework.io import clear_stale, file_digest, held_temp, load_npz, read_json, save_npz, temp_pattern, write_json
 from tapework.params import CsvParams, DownloadParams, ParamsError
 from tapework.preprocess import RawDataset
 
@@ -67,19 +66,21 @@ def fetch_dataset(params: DownloadParams, raw_dir: Path) -> dict[str, Any]:
 @contextlib.contextmanager
 def _staging(raw_dir: Path) -> Iterator[Path]:
     raw_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{raw_dir.name}.", suffix=".staging", dir=raw_dir.parent))
-    try:
-        yield stage
-        stage.chmod(0o755)  # mkdtemp makes it 0700; data/raw should be an ordinary folder
-        old = stage.with_suffix(".old")
-        if raw_dir.exists():
-            os.replace(raw_dir, old)
-        os.replace(stage, raw_dir)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage)
+    # A SIGKILL skips every `finally`: clear what killed runs left (held_temp's lock tells a live run's apart).
+    for suffix in (".staging", ".old"):
+        clear_stale(raw_dir.parent, temp_pattern(raw_dir.name, suffix))
+    with held_temp(raw_dir.parent, f".{raw_dir.name}.", ".staging", directory=True) as stage:
+        try:
+            yield stage
+            stage.chmod(0o755)  # mkdtemp makes it 0700; data/raw should be an ordinary folder
+            old = stage.with_suffix(".old")
+            if raw_dir.exists():
+                os.replace(raw_dir, old)
+            os.replace(stage, raw_dir)
+            shutil.rmtree(old, ignore_errors=True)  # ignore: a concurrent run's clear_stale may be removing it too
+        finally:
+            if stage.exists():
+                shutil.rmtree(stage)
 
 
 def _fetch_kwargs(params: DownloadParams) -> dict[str, Any]:
@@ -87,6 +88,7 @@ def _fetch_kwargs(params: DownloadParams) -> dict[str, Any]:
         "retries": params.retries,
         "backoff_seconds": params.backoff_seconds,
         "timeout_seconds": params.timeout_seconds,
+        "deadline_seconds": params.deadline_seconds,
     }
 
 
@@ -94,6 +96,7 @@ def _fetch_remote(spec: DatasetSpec, params: DownloadParams, stage: Path) -> dic
     """Each pinned file, through the verified cache, into `stage` (an archive is unpacked there)."""
     name = spec.name
     mirror = effective_mirror(params.mirror)
+    prepare_cache()
     sources = {}
     for remote in spec.files:
         if mirror:
@@ -106,11 +109,11 @@ def _fetch_remote(spec: DatasetSpec, params: DownloadParams, stage: Path) -> dic
                 f"TAPEWORK_MIRROR) to a folder or URL that holds {remote.name} (SHA-256 {remote.sha256})."
             )
         log.debug("fetching %s from %s", remote.name, url)
-        cached = download_file(url, cache_path(remote.sha256, remote.name), remote.sha256, **_fetch_kwargs(params))
+        cached = download_file(url, cache_path(remote.sha256, remote.name), remote.sha256, size=remote.size, **_fetch_kwargs(params))
         if spec.format == "cifar10_binary":
             _extract_cifar10(cached, stage)
         else:  # a local copy through the same verified path: hashed again on the way into data/raw
-            download_file(str(cached), stage / remote.name, remote.sha256, **_fetch_kwargs(params), progress=False)
+            download_file(str(cached), stage / remote.name, remote.sha256, size=remote.size, **_fetch_kwargs(params), progress=False)
         sources[remote.name] = {"url": remote.url, "sha256": remote.sha256}
     return sources
 
@@ -138,16 +141,38 @@ def _write_bundled(spec: DatasetSpec, params: DownloadParams, stage: Path) -> di
 
 
 def _fetch_csv(spec: DatasetSpec, params: DownloadParams, stage: Path) -> dict[str, Any]:
+    """download.csv.path, verified against download.csv.sha256, as data/raw/data.csv.
+
+    The pin is required for local files too: DVC sees params.yaml, not the file, so the pin is
+    what makes an edited CSV a change that `dvc status` reports and `dvc repro` reruns.
+    """
     csv = params.csv
     if not csv.path:
         raise ParamsError("params.yaml: download.csv.path is empty: the csv data set needs a path or URL.")
-    if url_scheme(csv.path) in ("http", "https") and not csv.sha256:
+    remote = url_scheme(csv.path) in ("http", "https")
+    if not remote:
+        local = local_path(csv.path, url_scheme(csv.path))
+        if not local.is_file():
+            raise DataError(f"{csv.path}: no such file. Fix download.csv.path in params.yaml.")
+        current = file_digest(local)
+        if not csv.sha256:
+            raise ParamsError(
+                f"params.yaml: download.csv.sha256 is empty; pin the CSV: set `sha256: {current}` under download.csv "
+                f"(the SHA-256 of {csv.path} now). After editing the file, paste its new hash there."
+            )
+        if current != csv.sha256:
+            raise DataError(
+                f"{csv.path}: SHA-256 {current} differs from download.csv.sha256 {csv.sha256}: the file changed. If the "
+                f"change is intended, set `sha256: {current}` under download.csv in params.yaml; else restore the file."
+            )
+    elif not csv.sha256:
         raise ParamsError(
             f"params.yaml: download.csv.sha256 is empty but download.csv.path = '{csv.path}' is an http(s) URL; "
             "pin its SHA-256 (`sha256sum FILE`) in download.csv.sha256."
         )
     source = csv.path
-    if csv.sha256 and url_scheme(csv.path) in ("http", "https"):
+    if remote:
+        prepare_cache()
         source = str(download_file(csv.path, cache_path(csv.sha256, CSV_FILE), csv.sha256, **_fetch_kwargs(params)))
     download_file(source, stage / CSV_FILE, csv.sha256, **_fetch_kwargs(params), progress=False)
     return {CSV_FILE: {"url": csv.path, "sha256": file_digest(stage / CSV_FILE)}}
@@ -157,33 +182,67 @@ def load_raw(dataset: str, raw_dir: Path, csv: CsvParams) -> RawDataset:
     """Verify `raw_dir`'s manifest hashes, then parse the raw files into arrays."""
     spec = dataset_spec(dataset)
     raw_dir = Path(raw_dir)
-    _verify_manifest(dataset, spec, raw_dir)
+    _verify_manifest(dataset, spec, raw_dir, csv)
     return _FORMATS[spec.format][1](raw_dir, spec, csv)
 
 
-def _verify_manifest(dataset: str, spec: DatasetSpec, raw_dir: Path) -> None:
+def _verify_manifest(dataset: str, spec: DatasetSpec, raw_dir: Path, csv: CsvParams) -> None:
+    """Check `raw_dir` before anything parses it: each pinned file against its pin, then the manifest's hashes.
+
+    The manifest is a record, not an authority: a file the loader reads must be listed in it,
+    a file it does not list is refused, and a pinned file (catalogue pins; data.csv against
+    download.csv.sha256) must match its pin whatever the manifest says, so that editing the
+    manifest cannot switch a check off.
+    """
     path = raw_dir / MANIFEST
     if not path.is_file():
         raise DataError(f"{path}: not found. {RERUN}")
     try:
         manifest = read_json(path)
         recorded, files = manifest["dataset"], dict(manifest["files"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as error:
         raise DataError(f"{path}: not a valid manifest ({error}). {RERUN}") from error
     if recorded != dataset:
         raise DataError(f"{path}: holds data set '{recorded}' but download.dataset is '{dataset}'. {RERUN}")
+    pins = {remote.name: (remote.sha256, "its catalogue pin (tapework/catalogue.py)") for remote in spec.files}
+    if spec.format == "cifar10_binary":
+        pins = {}  # the pinned archive is unpacked, not kept; its members are checked against the manifest
+    if spec.format == "csv" and csv.sha256:
+        pins[CSV_FILE] = (csv.sha256, "download.csv.sha256")
+    for name, (pin, source) in sorted(pins.items()):  # first, so that no manifest edit can skip them
+        _check_digest(raw_dir / name, pin, source)
     for remote in spec.files:  # a manifest from an older pin must not pass as current
         if remote.name in files and files[remote.name] != remote.sha256:
             raise DataError(f"{path}: {remote.name} was fetched under another pin. {RERUN}")
+    unlisted = sorted(set(_read_by_loader(spec)) - set(files))
+    if unlisted:
+        raise DataError(f"{path}: does not list {unlisted[0]}, which the {spec.format} loader reads. {RERUN}")
+    present = {file.relative_to(raw_dir).as_posix() for file in raw_dir.rglob("*") if file.is_file()} - {MANIFEST}
+    unknown = sorted(present - set(files))
+    if unknown:
+        raise DataError(f"{raw_dir / unknown[0]}: not listed in {MANIFEST}, so it cannot be verified. {RERUN}")
     for name, expected in sorted(files.items()):
-        file = raw_dir / name
-        if not file.is_file():
-            raise DataError(f"{file}: listed in {MANIFEST} but missing. {RERUN}")
-        got = file_digest(file)
-        if got != expected:
-            raise DataError(
-                f"{file}: SHA-256 {got} differs from the manifest's {expected}; it changed after download. {RERUN}"
-            )
+        if name not in pins:
+            _check_digest(raw_dir / name, expected, "the manifest's")
+
+
+def _check_digest(file: Path, expected: str, source: str) -> None:
+    if not file.is_file():
+        raise DataError(f"{file}: missing (the data set needs it). {RERUN}")
+    got = file_digest(file)
+    if got != expected:
+        raise DataError(f"{file}: SHA-256 {got} differs from {source} {expected}; it changed after download. {RERUN}")
+
+
+def _read_by_loader(spec: DatasetSpec) -> tuple[str, ...]:
+    """The raw files the load function of `spec`'s format opens."""
+    if spec.format == "sklearn":
+        return (f"{spec.name}.npz",)
+    if spec.format == "cifar10_binary":
+        return (*CIFAR10_TRAIN, CIFAR10_TEST)
+    if spec.format == "csv":
+        return (CSV_FILE,)
+    return tuple(remote.name for remote in spec.files)
 
 
 def _load_bundled(raw_dir: Path, spec: DatasetSpec, csv: CsvParams) -> RawDataset:

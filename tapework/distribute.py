@@ -11,9 +11,15 @@ import os
 import tensorflow as tf
 
 from tapework.catalogue import STRATEGIES
+from tapework.errors import EnvironmentSettingError
 
 # Number of logical CPU devices to split the host CPU into (MirroredStrategy replicas on a CPU-only machine).
 LOGICAL_CPUS_ENV = "TAPEWORK_LOGICAL_CPUS"
+# More replicas than that buys nothing on any CPU, and TensorFlow builds every device up front
+# (a value in the millions never finishes starting).
+MAX_LOGICAL_CPUS = 256
+TF_CONFIG_ENV = "TF_CONFIG"
+TF_CONFIG_EXAMPLE = '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}'
 
 
 def configure_logical_cpus(count: int) -> None:
@@ -44,8 +50,11 @@ def logical_cpus_from_env() -> int | None:
     value = os.environ.get(LOGICAL_CPUS_ENV, "").strip()
     if not value:
         return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{LOGICAL_CPUS_ENV}={value!r} is invalid: expected an integer >= 1 (or unset)")
+    if not value.isdigit() or not 1 <= int(value) <= MAX_LOGICAL_CPUS:
+        raise EnvironmentSettingError(
+            f"{LOGICAL_CPUS_ENV}={value!r} is invalid: set it to an integer from 1 to {MAX_LOGICAL_CPUS} (logical CPU "
+            "devices for train.distribute: mirrored, e.g. 2), or unset it."
+        )
     return int(value)
 
 
@@ -53,6 +62,23 @@ def configure_logical_cpus_from_env() -> None:
     count = logical_cpus_from_env()
     if count is not None:
         configure_logical_cpus(count)
+
+
+def configure_environment(kind: str) -> None:
+    """Check the environment this run reads against `train.distribute`, then split the CPU as asked.
+
+    Runs before TensorFlow starts: a malformed TF_CONFIG or TAPEWORK_LOGICAL_CPUS, or a TF_CONFIG
+    naming a cluster while `kind` is not multi_worker, stops the run with one line.
+    """
+    config = _tf_config()
+    if config and kind != "multi_worker":
+        task = config.get("task", {})
+        role = f"{task.get('type', '?')} {task.get('index', '?')} of a {_cluster_size(config)}-process cluster"
+        raise EnvironmentSettingError(
+            f"{TF_CONFIG_ENV} is set ({role}) but train.distribute is '{kind}': unset {TF_CONFIG_ENV} for a "
+            "one-process run, or set train.distribute: multi_worker."
+        )
+    configure_logical_cpus_from_env()
 
 
 def mirrored_devices() -> list[str] | None:
@@ -91,20 +117,52 @@ def distribute_dataset(strategy: tf.distribute.Strategy, dataset: tf.data.Datase
     return strategy.experimental_distribute_dataset(dataset.with_options(options))
 
 
+def _cluster_size(config: dict) -> int:
+    return sum(len(addresses) for addresses in config.get("cluster", {}).values())
+
+
 def _tf_config() -> dict:
-    raw = os.environ.get("TF_CONFIG", "") or "{}"
+    """TF_CONFIG parsed and checked ({} when unset or empty); a malformed one is an EnvironmentSettingError."""
+    raw = os.environ.get(TF_CONFIG_ENV, "").strip()
+    if not raw:
+        return {}
+
+    def invalid(problem: str) -> EnvironmentSettingError:
+        return EnvironmentSettingError(
+            f"{TF_CONFIG_ENV} is invalid ({problem}): set it to JSON such as {TF_CONFIG_EXAMPLE} (this process's "
+            f"entry in task), or unset it."
+        )
+
     try:
-        return json.loads(raw)
+        config = json.loads(raw)
     except json.JSONDecodeError as error:
-        raise ValueError(f"TF_CONFIG is not valid JSON ({error}): {raw[:200]!r}") from None
+        raise invalid(f"not JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise invalid("not a JSON object")
+    if not config:
+        return {}
+    cluster, task = config.get("cluster"), config.get("task")
+    if not isinstance(cluster, dict) or not cluster or not all(
+        isinstance(addresses, list) and addresses and all(isinstance(address, str) for address in addresses)
+        for addresses in cluster.values()
+    ):
+        raise invalid("'cluster' must map task types to lists of 'host:port' addresses")
+    if not isinstance(task, dict) or not isinstance(task.get("type"), str) or isinstance(task.get("index", 0), bool) or not isinstance(task.get("index", 0), int):
+        raise invalid("'task' must hold a 'type' and an integer 'index'")
+    kind, index = task["type"], task.get("index", 0)
+    if kind not in cluster or not 0 <= index < len(cluster[kind]):
+        raise invalid(f"task {kind} {index} is not in the cluster")
+    return config
 
 
-def is_chief() -> bool:
-    """True unless TF_CONFIG names this process a non-chief worker (only the chief writes outputs)."""
+def is_chief(kind: str) -> bool:
+    """Whether this process writes the outputs: always, unless `kind` is multi_worker and TF_CONFIG names another role."""
+    if kind != "multi_worker":
+        return True
     config = _tf_config()
     task = config.get("task", {})
-    kind, index = task.get("type", "chief"), int(task.get("index", 0))
-    if kind == "chief":
+    role, index = task.get("type", "chief"), task.get("index", 0)
+    if role == "chief":
         return True
     # Without an explicit chief, worker 0 plays that role (TensorFlow's convention).
-    return kind == "worker" and index == 0 and "chief" not in config.get("cluster", {})
+    return role == "worker" and index == 0 and "chief" not in config.get("cluster", {})

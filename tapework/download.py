@@ -1,12 +1,14 @@
 """Fetching bytes: http(s)://, file:// or local paths -> a verified file, plus safe tar extraction.
 
 Nothing unverified ever lands at a destination: bytes stream into a temp file beside it,
-are hashed on the way, and are renamed into place only when the SHA-256 matches.
+are hashed on the way, and are renamed into place only when the SHA-256 matches. A pinned
+file's download never writes more than its pinned size, and every file has a deadline.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import http.client
@@ -14,6 +16,7 @@ import logging
 import os
 import sys
 import tarfile
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -25,16 +28,19 @@ from urllib.parse import quote, unquote, urlsplit
 
 from tqdm import tqdm
 
-from tapework.errors import DataError, DownloadError
-from tapework.io import atomic_path, file_digest
+from tapework.errors import DataError, DownloadError, EnvironmentSettingError
+from tapework.io import atomic_path, clear_stale, file_digest
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
 PROGRESS_MIN_BYTES = 4 << 20  # smaller files finish before a bar would be useful
 MAX_BACKOFF_SECONDS = 60.0
+PROGRESS_LOG_SECONDS = 10.0  # a download still running logs a progress line this often
 USER_AGENT = "tapework-download/0.1"
 WEB_SCHEMES = ("http", "https")
+CACHE_ENV = "TAPEWORK_CACHE"
+MIRROR_ENV = "TAPEWORK_MIRROR"
 FIX_SOURCE = "check download.mirror / TAPEWORK_MIRROR (it must hold '{name}') and download.dataset in params.yaml"
 
 
@@ -44,7 +50,7 @@ class _Transient(Exception):
 
 def cache_dir() -> Path:
     """User cache of verified files: env TAPEWORK_CACHE, default ~/.cache/tapework."""
-    return Path(os.environ.get("TAPEWORK_CACHE") or Path.home() / ".cache" / "tapework").expanduser()
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tapework").expanduser()
 
 
 def cache_path(sha256: str, name: str) -> Path:
@@ -52,14 +58,79 @@ def cache_path(sha256: str, name: str) -> Path:
     return cache_dir() / "sha256" / sha256 / name
 
 
+def prepare_cache() -> Path:
+    """The cache folder, created and proven writable, with what killed downloads left in it removed.
+
+    Only leftovers no live process holds are removed (tapework.io.clear_stale), so a concurrent
+    run sharing the cache keeps its partial files.
+    """
+    folder = cache_dir() / "sha256"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        setting = os.environ.get(CACHE_ENV)
+        where = f"{CACHE_ENV}={setting!r}" if setting else f"the download cache {folder.parent} ({CACHE_ENV} unset)"
+        raise EnvironmentSettingError(
+            f"{where} cannot hold downloads ({error.strerror or error}): set {CACHE_ENV} to a writable folder"
+            f"{', or unset it to use ~/.cache/tapework' if setting else ''}."
+        ) from None
+    for pinned in folder.iterdir():
+        if pinned.is_dir():
+            clear_stale(pinned, ".*.partial")
+    return folder
+
+
 def effective_mirror(mirror: str) -> str:
-    """The mirror to use: env TAPEWORK_MIRROR (when set and non-empty) wins over params."""
-    return os.environ.get("TAPEWORK_MIRROR") or mirror
+    """The mirror to use: env TAPEWORK_MIRROR (when set and non-empty) wins over params; both are checked."""
+    setting = os.environ.get(MIRROR_ENV)
+    if setting:
+        problem = mirror_problem(setting)
+        if problem:
+            raise EnvironmentSettingError(
+                f"{MIRROR_ENV}={setting!r} is not a usable mirror ({problem}): set it to http(s)://host/path/, "
+                f"file:///folder/ or a folder that holds the data set's files, or unset it."
+            )
+        return setting
+    problem = mirror_problem(mirror) if mirror else ""
+    if problem:
+        raise DownloadError(
+            f"params.yaml: download.mirror = '{mirror}' is not a usable mirror ({problem}). Fix `download.mirror`: "
+            "http(s)://host/path/, file:///folder/, a folder, or '' for the canonical URLs."
+        )
+    return mirror
+
+
+def mirror_problem(location: str) -> str:
+    """What makes `location` unusable as a mirror base ('' when it is usable)."""
+    try:
+        parts = urlsplit(location)
+        port = parts.port  # parsed lazily: a non-numeric or out-of-range port raises here
+    except ValueError as error:
+        return str(error)
+    scheme = parts.scheme.lower()
+    if scheme in WEB_SCHEMES:
+        if not parts.hostname:
+            return "no host name"
+        if port == 0:
+            return "port 0"
+        if any(ord(char) <= 0x20 or ord(char) == 0x7F for char in location):
+            return "it contains a space or control character; percent-encode it"
+    elif scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            return "file:// URLs name a local folder: file:///path"
+    elif len(scheme) > 1:  # one letter is a Windows drive
+        return f"unsupported URL scheme '{scheme}://'"
+    return ""
 
 
 def url_scheme(location: str) -> str:
     """'http', 'https', 'file', or '' for a plain local path; other schemes are refused."""
-    scheme = urlsplit(location).scheme.lower()
+    try:
+        scheme = urlsplit(location).scheme.lower()
+    except ValueError as error:  # e.g. an unclosed IPv6 bracket
+        raise DownloadError(f"{location}: not a valid URL ({error}). Fix the URL or mirror.") from None
     if scheme in (*WEB_SCHEMES, "file"):
         return scheme
     if len(scheme) <= 1:  # no scheme, or a Windows drive letter such as C:
@@ -93,10 +164,14 @@ def download_file(
     retries: int,
     backoff_seconds: float,
     timeout_seconds: float,
+    deadline_seconds: float,
+    size: int | None = None,
     progress: bool = True,
 ) -> Path:
     """Fetch `url` to `dest` verified against `sha256` (empty only for local sources); returns `dest`.
 
+    `size` (the pinned byte count, None when unknown) bounds what is written: a longer body is cut
+    off and kept nowhere. `deadline_seconds` bounds the whole fetch, retries included.
     A `dest` that already matches the pin is kept and no request is made.
     """
     dest = Path(dest)
@@ -108,9 +183,10 @@ def download_file(
             return dest
         dest.unlink()  # stale or unverifiable: never leave it where a verified file is expected
     log.log(logging.INFO if scheme in WEB_SCHEMES else logging.DEBUG, "downloading %s", url)
+    limits = _Limits(size, timeout_seconds, deadline_seconds, time.monotonic() + deadline_seconds)
     for attempt in range(retries + 1):
         try:
-            _fetch_once(url, scheme, dest, sha256, timeout_seconds, progress)
+            _fetch_once(url, scheme, dest, sha256, limits, progress)
             return dest
         except _Transient as error:
             if attempt == retries:
@@ -119,20 +195,41 @@ def download_file(
                     "Check the network, or set download.mirror / TAPEWORK_MIRROR to a reachable copy."
                 ) from error
             delay = min(backoff_seconds * 2**attempt, MAX_BACKOFF_SECONDS)
+            if time.monotonic() + delay >= limits.deadline:
+                raise limits.overdue(url, f"last error: {error}") from error
             log.warning("%s: %s; retry %d/%d in %.2f s", url, error, attempt + 1, retries, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
 
-def _fetch_once(url: str, scheme: str, dest: Path, sha256: str, timeout: float, progress: bool) -> None:
-    with atomic_path(dest) as temp, _open(url, scheme, timeout) as (stream, length):
-        digest = _stream_to(stream, temp, length, file_name(url), progress)
+class _Limits:
+    """What one file's download may take: bytes (its pinned size) and time (per read, and overall)."""
+
+    def __init__(self, size: int | None, timeout: float, deadline_seconds: float, deadline: float) -> None:
+        self.size, self.timeout, self.deadline_seconds, self.deadline = size, timeout, deadline_seconds, deadline
+
+    def overdue(self, url: str, detail: str) -> DownloadError:
+        return DownloadError(
+            f"{url}: not complete within download.deadline_seconds = {self.deadline_seconds:g} s ({detail}); "
+            "nothing was kept. Use a faster mirror (download.mirror / TAPEWORK_MIRROR) or raise download.deadline_seconds."
+        )
+
+
+def _fetch_once(url: str, scheme: str, dest: Path, sha256: str, limits: _Limits, progress: bool) -> None:
+    with atomic_path(dest) as temp, _open(url, scheme, limits.timeout) as (stream, length):
+        if limits.size is not None and length is not None and length != limits.size:
+            what = "is" if scheme in ("", "file") else "has a Content-Length of"
+            raise DownloadError(
+                f"{url}: {what} {length:,} bytes but the pinned file has {limits.size:,}; nothing was "
+                f"downloaded. {_fix(dest.name)}."
+            )
+        digest = _stream_to(stream, temp, length, url, limits, progress)
         if sha256 and digest != sha256:
             if scheme in WEB_SCHEMES:
                 kept = dest.with_name(dest.name + ".corrupt")
                 os.replace(temp, kept)
             else:  # a local source is itself the bad file: no second copy
-                kept = _local_path(url, scheme)
+                kept = local_path(url, scheme)
             raise DownloadError(
                 f"{url}: SHA-256 mismatch: expected {sha256}, got {digest}. The bad file is at {kept} "
                 f"for inspection and was not used; {FIX_SOURCE.format(name=dest.name)}."
@@ -143,7 +240,7 @@ def _fetch_once(url: str, scheme: str, dest: Path, sha256: str, timeout: float, 
 def _open(url: str, scheme: str, timeout: float) -> Iterator[tuple[BinaryIO, int | None]]:
     """Yield (byte stream, promised length or None); raise _Transient for retryable failures."""
     if not scheme or scheme == "file":
-        path = _local_path(url, scheme)
+        path = local_path(url, scheme)
         try:
             stream = open(path, "rb")  # noqa: SIM115 - closed by the with below
         except FileNotFoundError:
@@ -172,7 +269,8 @@ def _open(url: str, scheme: str, timeout: float) -> Iterator[tuple[BinaryIO, int
         yield response, int(length) if length.isdigit() else None
 
 
-def _local_path(url: str, scheme: str) -> Path:
+def local_path(url: str, scheme: str) -> Path:
+    """The file a plain path or file:// URL names (`scheme` as url_scheme gives it)."""
     if not scheme:
         return Path(url).expanduser()
     parts = urlsplit(url)
@@ -181,29 +279,86 @@ def _local_path(url: str, scheme: str) -> Path:
     return Path(urllib.request.url2pathname(parts.path))
 
 
-def _stream_to(stream: BinaryIO, temp: Path, length: int | None, name: str, progress: bool) -> str:
-    """Copy stream -> temp while hashing; a body shorter than promised is a retryable truncation."""
+def _stream_to(stream: BinaryIO, temp: Path, length: int | None, url: str, limits: _Limits, progress: bool) -> str:
+    """Copy stream -> temp while hashing, within `limits`; a body shorter than promised is a retryable truncation."""
+    name = file_name(url)
     digest = hashlib.sha256()
     received = 0
-    show = progress and sys.stderr.isatty() and (length or 0) >= PROGRESS_MIN_BYTES
+    expected = limits.size if limits.size is not None else length
+    started = last_log = time.monotonic()
+    show = progress and sys.stderr.isatty() and (expected or 0) >= PROGRESS_MIN_BYTES
+    # Read at most one byte past the pinned size: enough to know the body is too long.
+    cap = limits.size + 1 if limits.size is not None else None
     with open(temp, "wb") as out, tqdm(
-        total=length, unit="B", unit_scale=True, unit_divisor=1024, desc=name, disable=not show, leave=False
+        total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=name, disable=not show, leave=False
     ) as bar:
         while True:
+            want = CHUNK_BYTES if cap is None else min(CHUNK_BYTES, cap - received)
             try:
-                chunk = stream.read(CHUNK_BYTES)
+                # read1: whatever has arrived (one underlying read), so a trickling server cannot hold
+                # one call past the deadline the way read(n), which waits for n bytes, would.
+                chunk = stream.read1(want)
             except (OSError, http.client.HTTPException) as error:  # timeout, reset, IncompleteRead
                 raise _Transient(f"connection lost after {received} bytes ({_describe(error)})") from error
+            now = time.monotonic()
             if not chunk:
                 break
-            out.write(chunk)
-            digest.update(chunk)
             received += len(chunk)
+            if limits.size is not None and received > limits.size:
+                raise DownloadError(
+                    f"{url}: the source sent more than the pinned {limits.size:,} bytes (Content-Length "
+                    f"{'absent' if length is None else f'{length:,}'}); stopped there and kept nothing. "
+                    f"{_fix(name)}."
+                )
+            try:
+                out.write(chunk)
+            except OSError as error:
+                raise _write_error(temp, error) from error
+            digest.update(chunk)
             bar.update(len(chunk))
+            if now >= limits.deadline:
+                raise limits.overdue(url, f"{_amount(received, expected)} received")
+            if now - last_log >= PROGRESS_LOG_SECONDS:
+                last_log = now
+                rate = received / max(now - started, 1e-9)
+                log.info(
+                    "%s: %s after %.0f s (%s/s); gives up in %.0f s (download.deadline_seconds)",
+                    name, _amount(received, expected), now - started, _bytes(rate), limits.deadline - now,
+                )
+        try:
+            out.flush()
+        except OSError as error:
+            raise _write_error(temp, error) from error
     # http.client does not raise when a Content-Length body ends early, so count bytes ourselves.
-    if length is not None and received != length:
-        raise _Transient(f"truncated body: got {received} of {length} promised bytes")
+    if expected is not None and received != expected:
+        raise _Transient(f"truncated body: got {received} of {expected} expected bytes")
     return digest.hexdigest()
+
+
+def _fix(name: str) -> str:
+    """FIX_SOURCE as a sentence of its own."""
+    text = FIX_SOURCE.format(name=name)
+    return text[0].upper() + text[1:]
+
+
+def _write_error(temp: Path, error: OSError) -> DownloadError:
+    full = " (disk full)" if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return DownloadError(
+        f"cannot write {temp.parent}{full}: {error.strerror or error}; nothing was kept. Free space there, or set "
+        f"{CACHE_ENV} to a folder on a disk with room (the download cache; data/ needs room for the files too)."
+    )
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+def _amount(received: int, expected: int | None) -> str:
+    return f"{_bytes(received)} of {_bytes(expected)}" if expected is not None else f"{_bytes(received)} (size unknown)"
 
 
 def _describe(error: BaseException) -> str:

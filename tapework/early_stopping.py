@@ -12,6 +12,7 @@ import keras
 
 from tapework.catalogue import HIGHER_IS_BETTER
 from tapework.checkpoint import TrainingState
+from tapework.errors import DataError
 from tapework.params import EarlyStoppingParams
 
 
@@ -32,6 +33,13 @@ class EarlyStopping:
 
     def update(self, row: dict[str, Any], model: keras.Model) -> bool:
         """Record one epoch's history row; remember the weights if it improved. Returns should_stop()."""
+        if self.params.monitor not in row:  # r2 on a constant validation target is not defined (MetricSet leaves it out)
+            if not self.enabled:
+                return False
+            raise DataError(
+                f"train.early_stopping.monitor = {self.params.monitor} has no value: it is not defined on this validation "
+                "split (a constant target). Monitor val_loss instead, or use data whose target varies"
+            )
         score = self.sign * row[self.params.monitor]
         if score < float(self.state.best_value) - self.params.min_delta:
             self.state.best_value.assign(score)

@@ -13,6 +13,10 @@ class DownloadError(TapeworkError):
     """A file could not be fetched or failed verification."""
 
 
+class EnvironmentSettingError(TapeworkError):
+    """An environment variable the pipeline reads (TAPEWORK_*, TF_CONFIG) is malformed or contradicts params.yaml."""
+
+
 class NonFiniteLossError(TapeworkError, ArithmeticError):
     """Training produced a NaN/Inf loss; nothing from the run is written as a result."""
 

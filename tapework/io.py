@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -18,29 +19,108 @@ import numpy as np
 
 from tapework.errors import DataError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so no leftover is ever judged stale (they are kept, never wrongly removed)
+    fcntl = None  # type: ignore[assignment]
+
 # Fixed zip entry time so identical arrays give identical bytes (zip's epoch is 1980).
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
+def _try_lock(fd: int, *, wait: bool) -> bool:
+    """An exclusive flock on `fd`; False when another open file holds it (without `wait`) or locks are unsupported."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # e.g. a filesystem without flock: nobody can lock, so nothing is judged stale
+        return False
+    return True
+
+
+def _still_at(path: Path, fd: int) -> bool:
+    """Whether `path` still names the file or folder open as `fd` (not removed or replaced meanwhile)."""
+    try:
+        return os.lstat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def held_temp(parent: Path, prefix: str, suffix: str, *, directory: bool = False) -> Iterator[Path]:
+    """A new temp file (or folder) in `parent`, exclusively flock-ed for the whole block.
+
+    The kernel drops the lock when the process ends, however it ends (SIGKILL included), so
+    `clear_stale` can tell what a dead run left behind from the work of a live one.
+    """
+    while True:
+        if directory:
+            path = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+            fd = os.open(path, os.O_RDONLY)
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=parent)
+            path = Path(name)
+        _try_lock(fd, wait=True)
+        # A clear_stale between mkstemp and the lock may have removed it as unlocked: then make another.
+        if _still_at(path, fd):
+            break
+        os.close(fd)
+    try:
+        yield path
+    finally:
+        os.close(fd)
+
+
+def clear_stale(parent: Path, pattern: str) -> list[Path]:
+    """Remove the entries of `parent` matching `pattern` that no live process holds (see `held_temp`)."""
+    removed = []
+    for path in sorted(Path(parent).glob(pattern)):
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:  # gone meanwhile, a symlink, or unreadable: not ours to judge
+            continue
+        try:
+            if not _try_lock(fd, wait=False) or not _still_at(path, fd):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def temp_pattern(name: str, suffix: str) -> str:
+    """The glob matching `held_temp(parent, f".{name}.", suffix)` entries, whatever characters `name` holds."""
+    return f".{glob.escape(name)}.*{suffix}"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success fsync and rename it into place, else delete it."""
+    """Yield a temp path beside `path`; on success fsync and rename it into place, else delete it.
+
+    Temp files that a killed run left beside `path` are removed first; those of a live run are kept.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(handle)
-    temp_path = Path(temp_name)
-    # mkstemp creates 0600 files; outputs should get the usual mode the umask allows.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temp_path, 0o666 & ~umask)
-    try:
-        yield temp_path
-        with open(temp_path, "rb+") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temp_path, path)
-    finally:
-        temp_path.unlink(missing_ok=True)
+    clear_stale(path.parent, temp_pattern(path.name, ".partial"))
+    with held_temp(path.parent, f".{path.name}.", ".partial") as temp_path:
+        # mkstemp creates 0600 files; outputs should get the usual mode the umask allows.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp_path, 0o666 & ~umask)
+        try:
+            yield temp_path
+            with open(temp_path, "rb+") as stream:
+                os.fsync(stream.fileno())
+            os.replace(temp_path, path)
+        finally:
+            temp_path.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -58,7 +138,7 @@ def write_json(path: str | Path, payload: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    return json.loads(Path(path).read_text(encoding="utf-8"))  # write_json writes UTF-8, whatever the locale
 
 
 def save_array(path: str | Path, array: np.ndarray) -> None:
@@ -117,14 +197,13 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A SIGKILL skips every `finally`: clear what such a run left behind before starting anew.
-    for stale in path.parent.glob(f".{path.name}.*.partial"):
-        shutil.rmtree(stale, ignore_errors=True)
-    temp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    try:
-        yield temp_path
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(temp_path, path)
-    finally:
-        shutil.rmtree(temp_path, ignore_errors=True)
+    # A SIGKILL skips every `finally`: clear what such a run left behind (not a live run's folder).
+    clear_stale(path.parent, temp_pattern(path.name, ".partial"))
+    with held_temp(path.parent, f".{path.name}.", ".partial", directory=True) as temp_path:
+        try:
+            yield temp_path
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(temp_path, path)
+        finally:
+            shutil.rmtree(temp_path, ignore_errors=True)

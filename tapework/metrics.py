@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+log = logging.getLogger(__name__)
+# An SST at or below this share of sum(y^2) is float64 rounding left by a constant target's sums
+# (relative error ~1e-16 per addition, over up to ~10^6 additions), not spread in the target.
+CONSTANT_TARGET_RTOL = 1e-10
 
 
 class HuberMetric(keras.metrics.Metric):
@@ -54,6 +61,8 @@ class RSquared(keras.metrics.Metric):
     """Coefficient of determination 1 - SSE/SST, accumulated over batches in float64.
 
     float64 because SST = sum(y^2) - (sum y)^2 / n cancels catastrophically in float32.
+    R² is not defined when the target is constant (SST = 0): `result()` is then NaN and
+    `defined()` False, and MetricSet leaves it out of the metrics.
     """
 
     def __init__(self, name: str = "r2", **kwargs: Any) -> None:
@@ -71,9 +80,18 @@ class RSquared(keras.metrics.Metric):
         self.sum_squares.assign_add(tf.reduce_sum(tf.square(y_true)))
         self.squared_error.assign_add(tf.reduce_sum(tf.square(y_true - y_pred)))
 
-    def result(self) -> Any:
+    def _total(self) -> Any:
+        """SST, the target's squared deviations from its mean, and whether it is more than rounding."""
         total = self.sum_squares - tf.math.divide_no_nan(tf.square(self.sum), self.count)
-        return tf.cast(1.0 - tf.math.divide_no_nan(self.squared_error, total), tf.float32)
+        return total, total > CONSTANT_TARGET_RTOL * self.sum_squares
+
+    def defined(self) -> bool:
+        return bool(self._total()[1])
+
+    def result(self) -> Any:
+        total, defined = self._total()
+        r2 = 1.0 - tf.math.divide_no_nan(self.squared_error, total)
+        return tf.cast(tf.where(defined, r2, tf.constant(math.nan, tf.float64)), tf.float32)
 
     def reset_state(self) -> None:
         for variable in (self.count, self.sum, self.sum_squares, self.squared_error):
@@ -125,6 +143,7 @@ class MetricSet:
             self.others = [keras.metrics.MeanAbsoluteError(name="mae"), keras.metrics.RootMeanSquaredError(name="rmse"), RSquared()]
             self.confusion = None
         self.num_classes = num_classes
+        self._warned_undefined = False
 
     @property
     def all(self) -> list[keras.metrics.Metric]:
@@ -162,8 +181,25 @@ class MetricSet:
             metric.reset_state()
 
     def results(self) -> dict[str, float]:
-        """Scalar results as Python floats (confusion matrix excluded)."""
-        return {metric.name: float(metric.result()) for metric in self.all if metric is not self.confusion}
+        """Scalar results as Python floats (confusion matrix excluded).
+
+        An R² that is not defined (constant target) is left out, with a warning the first time:
+        metrics files stay valid JSON of finite scalars, and `dvc metrics diff` shows the key as absent.
+        """
+        results = {}
+        for metric in self.all:
+            if metric is self.confusion:
+                continue
+            if isinstance(metric, RSquared) and not metric.defined():
+                if not self._warned_undefined:
+                    log.warning(
+                        "r2 is not defined: the target is constant over these %d examples (nothing to explain); "
+                        "it is left out of the metrics", int(keras.ops.convert_to_numpy(metric.count)),
+                    )
+                    self._warned_undefined = True
+                continue
+            results[metric.name] = float(metric.result())
+        return results
 
     def confusion_matrix(self) -> np.ndarray:
         if self.confusion is None:

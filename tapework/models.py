@@ -279,6 +279,9 @@ def load_model(directory: str | Path) -> tuple[keras.Model, dict[str, Any]]:
             raise DataError(f"{directory / name} is missing: run the train stage first (dvc repro train)")
     try:
         config = read_json(directory / CONFIG_FILE)
+    except ValueError as error:  # truncated, not JSON, not UTF-8
+        raise DataError(f"{directory / CONFIG_FILE} is not valid JSON ({error}); re-run the train stage") from None
+    try:
         model = build_model(config)
         assign_weights(model, load_npz(directory / WEIGHTS_FILE))
     except (KeyError, TypeError, ValueError) as error:

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,11 @@ from tapework import catalogue
 
 class ParamsError(ValueError):
     """A params.yaml problem: the message names the key, the value and the fix."""
+
+
+# TensorFlow sizes tensor dimensions in int32 on many paths: no count or size here needs more.
+MAX_INT = 2**31 - 1
+MAX_BATCH_SIZE = MAX_INT  # a batch larger than the split is one batch of the whole split
 
 
 def _spec(**rules: Any) -> Any:
@@ -39,7 +45,7 @@ class CsvParams:
     path: str = _spec(help="local path, file:// or http(s):// URL of a CSV file")
     target: str = _spec(nonempty=True)
     task: str = _spec(choices=catalogue.TASKS)
-    sha256: str = _spec(sha256=True, help="optional pin; required for http(s) URLs")
+    sha256: str = _spec(sha256=True, help="the file's pin; the download stage refuses an empty one and prints the hash to paste")
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class DownloadParams:
     retries: int = _spec(min=0, max=20)
     backoff_seconds: float = _spec(min=0.0, max=60.0)
     timeout_seconds: float = _spec(min=0.1, max=600.0, min_exclusive=False)
+    deadline_seconds: float = _spec(min=0.0, max=86_400.0, min_exclusive=True, help="whole download of one file, retries included")
     csv: CsvParams = _spec()
 
 
@@ -110,7 +117,7 @@ class TrainParams:
     cnn: CnnParams = _spec()
     vit: VitParams = _spec()
     epochs: int = _spec(min=1, max=100_000)
-    batch_size: int = _spec(min=1)
+    batch_size: int = _spec(min=1, max=MAX_BATCH_SIZE)
     drop_remainder: bool = _spec()
     optimizer: str = _spec(choices=catalogue.OPTIMIZERS)
     learning_rate: float = _spec(min=0.0, max=10.0, min_exclusive=True)
@@ -149,7 +156,7 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = _spec(min=1)
+    batch_size: int = _spec(min=1, max=MAX_BATCH_SIZE)
 
 
 @dataclass(frozen=True)
@@ -197,6 +204,8 @@ def _check_number(key: str, value: Any, kind: type, rules: dict[str, Any]) -> An
         if not math.isfinite(value):
             _fail(key, value, "expected a finite number")
     low, high = rules.get("min"), rules.get("max")
+    if kind is int and high is None:
+        high = MAX_INT
     low_open, high_open = rules.get("min_exclusive", False), rules.get("max_exclusive", False)
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
@@ -312,6 +321,8 @@ def _cross_check(params: Params) -> None:
         _fail("train.jit_compile", True, f"XLA cannot compile {train.model} deterministically (no deterministic max-pool gradient) and op determinism is always on; use auto or false")
     if train.distribute != "none" and train.mixed_precision:
         _fail("train.mixed_precision", train.mixed_precision, "loss scaling is not replica-safe in Keras 3 (LossScaleOptimizer judges overflow from the first replica's gradients only); set false with train.distribute")
+    if params.download.deadline_seconds < params.download.timeout_seconds:
+        _fail("download.deadline_seconds", params.download.deadline_seconds, f"must be at least download.timeout_seconds = {params.download.timeout_seconds}")
     if params.preprocess.max_train_examples and params.preprocess.max_train_examples < 2:
         _fail("preprocess.max_train_examples", params.preprocess.max_train_examples, "must be 0 (all) or at least 2")
 
@@ -323,15 +334,110 @@ def parse_params(raw: Any) -> Params:
     return params
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, made to read params.yaml as DVC (ruamel.yaml, YAML 1.2) reads it.
+
+    PyYAML speaks YAML 1.1, where `1e-3` is a string, `yes`/`on` are booleans, `017` is octal and
+    a duplicate key silently keeps the last value; `dvc params diff` would then show other values
+    than this pipeline runs with. Here scalars resolve by YAML 1.2's rules (the same patterns as
+    ruamel.yaml's) and a duplicate key is an error.
+    """
+
+    yaml_implicit_resolvers: dict[Any, Any] = {}
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges may repeat keys on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # construct_mapping below reports it
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise ParamsError(
+                    f"{key_node.start_mark.name}: key `{key}` is set twice (lines {first_line[key]} and {line}); "
+                    "delete one of them."
+                )
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        """YAML 1.2 integers: 0b, 0o and 0x prefixes; a leading zero alone is still decimal."""
+        text = str(self.construct_scalar(node)).replace("_", "")
+        sign, digits = (-1, text[1:]) if text[:1] == "-" else (1, text.lstrip("+"))
+        for prefix, base in (("0b", 2), ("0o", 8), ("0x", 16)):
+            if digits.startswith(prefix):
+                return sign * int(digits[2:], base)
+        return sign * int(digits)
+
+
+_ParamsLoader.add_constructor("tag:yaml.org,2002:int", _ParamsLoader.construct_yaml_int)
+# YAML 1.2 core-schema resolvers, as ruamel.yaml (DVC's reader) writes them.
+for _tag, _pattern, _first in (
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    (
+        "float",
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |[-+]?\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        "-+0123456789.",
+    ),
+    ("int", r"^(?:[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?[0-9_]+|[-+]?0x[0-9a-fA-F_]+)$", "-+0123456789"),
+    ("merge", r"^(?:<<)$", "<"),
+    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    (
+        "timestamp",
+        r"""^(?:[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]
+        |[0-9][0-9][0-9][0-9]-[0-9][0-9]?-[0-9][0-9]?(?:[Tt]|[ \t]+)[0-9][0-9]?:[0-9][0-9]:[0-9][0-9](?:\.[0-9]*)?
+        (?:[ \t]*(?:Z|[-+][0-9][0-9]?(?::[0-9][0-9])?))?)$""",
+        "0123456789",
+    ),
+):
+    _ParamsLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern, re.X), list(_first))
+
+
+def parse_yaml(text: str, name: str = "params.yaml") -> Any:
+    """YAML text -> plain data, read as DVC reads params.yaml; errors are one-line ParamsErrors."""
+    try:
+        loader = _ParamsLoader(text)
+        loader.name = name
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = " ".join(str(error.problem or error.context or error).split())
+        raise ParamsError(f"{name}: not valid YAML ({problem}{where}). Fix the syntax.") from None
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{name}: not valid YAML ({' '.join(str(error).split())}). Fix the syntax.") from None
+
+
 def read_raw(path: str | Path) -> Any:
     """params.yaml parsed but not validated (for overrides before `parse_params`)."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: not found. Run the stage from the project root, where params.yaml lives.")
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ParamsError(f"{path}: not valid YAML ({error}). Fix the syntax.") from None
+        data = path.read_bytes()
+    except OSError as error:
+        raise ParamsError(f"{path}: cannot read it ({error.strerror or error}). Check its permissions.") from None
+    try:
+        text = data.decode("utf-8")  # what DVC reads it as, whatever the locale
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ParamsError(
+            f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} on line {line}). Save it as UTF-8 "
+            "(e.g. `iconv -f latin1 -t utf-8`), or remove that character."
+        ) from None
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        raise ParamsError(f"{path}: empty (no keys at all). Restore it: `git checkout {path}`.")
+    return raw
 
 
 def with_overrides(raw: Any, changes: dict[str, Any]) -> Any:

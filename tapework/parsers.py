@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
+import collections
+import csv
+import io
 import math
 import struct
 import zlib
@@ -16,6 +18,8 @@ from tapework.errors import DataError
 
 IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
+# Most bytes an IDX file may inflate to: 40x Fashion-MNIST's train images (47 MB), far below a gzip bomb's gigabytes.
+MAX_IDX_BYTES = 2**31
 CIFAR_IMAGE_SHAPE = (3, 32, 32)  # stored channel-major: all red, then green, then blue
 CIFAR_RECORD_BYTES = 1 + math.prod(CIFAR_IMAGE_SHAPE)
 CIFAR_NUM_CLASSES = 10
@@ -50,10 +54,7 @@ def parse_idx(source: Source, *, name: str | None = None) -> np.ndarray:
     """An IDX file (gzip or raw, bytes or path) -> uint8 array: labels (N,) or images (N, H, W)."""
     data, where = _read(source, name)
     if data[:2] == b"\x1f\x8b":  # gzip magic
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as error:
-            raise DataError(f"{where}: corrupt gzip stream ({error}). {REFETCH}") from error
+        data = _inflate_idx(data, where)
     if len(data) < 4:
         raise DataError(f"{where}: {len(data)} bytes is too short for an IDX header. {REFETCH}")
     magic = int.from_bytes(data[:4], "big")
@@ -76,6 +77,53 @@ def parse_idx(source: Source, *, name: str | None = None) -> np.ndarray:
         raise DataError(f"{where}: {payload - expected} unexpected trailing bytes after {dims} of data. {REFETCH}")
     # .copy(): frombuffer views the read-only bytes; callers get an ordinary writable array.
     return np.frombuffer(data, np.uint8, count=expected, offset=header).reshape(dims).copy()
+
+
+def _inflate_idx(compressed: bytes, where: str) -> bytes:
+    """Inflate a gzip-compressed IDX file, never past the size its own header gives (plus one byte to see excess).
+
+    A gzip bomb (a small file that inflates to gigabytes) is refused after at most that many bytes.
+    """
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # 16+: the gzip container, with its CRC check
+    out = bytearray()
+    pending = compressed
+
+    def inflate_to(size: int) -> None:
+        nonlocal pending
+        while len(out) < size and not inflater.eof:
+            chunk = inflater.decompress(pending, size - len(out))
+            pending = inflater.unconsumed_tail
+            if not chunk and not pending:
+                return
+            out.extend(chunk)
+
+    try:
+        inflate_to(4)
+        header = 4 + 4 * out[3] if len(out) >= 4 else 4
+        inflate_to(header)
+        needed = header
+        if len(out) == header and int.from_bytes(out[:4], "big") in (IDX_LABELS_MAGIC, IDX_IMAGES_MAGIC):
+            needed = header + math.prod(struct.unpack(f">{out[3]}I", bytes(out[4:header])))
+            if needed > MAX_IDX_BYTES:
+                raise DataError(
+                    f"{where}: its IDX header claims {needed:,} bytes of data, more than the {MAX_IDX_BYTES:,} this parser "
+                    f"inflates; not an MNIST-style file. {REFETCH}"
+                )
+            inflate_to(needed + 1)  # one byte past the end shows excess without inflating it
+            if len(out) > needed:
+                raise DataError(
+                    f"{where}: the gzip stream holds more than the {needed:,} bytes its IDX header describes; "
+                    f"stopped inflating there (a gzip bomb or a wrong file). {REFETCH}"
+                )
+        else:  # not an IDX header: the checks in parse_idx name the problem
+            inflate_to(needed + 1)
+    except zlib.error as error:  # includes a CRC mismatch, checked when the end marker is reached
+        raise DataError(f"{where}: corrupt gzip stream ({error}). {REFETCH}") from error
+    if len(out) <= needed and not inflater.eof:  # every input byte used, and still no end marker
+        raise DataError(f"{where}: corrupt gzip stream (it ends before its end marker). {REFETCH}")
+    if inflater.unused_data:
+        raise DataError(f"{where}: {len(inflater.unused_data)} bytes follow the gzip stream's end. {REFETCH}")
+    return bytes(out)
 
 
 def check_counts(images: np.ndarray, labels: np.ndarray, *, name: str = "images/labels") -> None:
@@ -107,7 +155,10 @@ def parse_cifar10_binary(batch: Source, *, name: str | None = None) -> tuple[np.
 def parse_csv(path_or_buffer: str | Path | IO[str], target: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """A CSV with a header -> (features float64 (N,F), target (N,), feature names); all features numeric."""
     where = str(path_or_buffer) if isinstance(path_or_buffer, (str, Path)) else "<csv buffer>"
+    if not isinstance(path_or_buffer, (str, Path)):  # read once: the header check and pandas both need the text
+        path_or_buffer = io.StringIO(path_or_buffer.read())
     frame = _read_frame(path_or_buffer, where, header="infer")
+    _check_unique_names(path_or_buffer, where)
     if target not in frame.columns:
         columns = ", ".join(map(str, frame.columns))
         raise DataError(f"{where}: no target column '{target}'; columns are: {columns}. Set download.csv.target.")
@@ -120,6 +171,24 @@ def parse_csv(path_or_buffer: str | Path | IO[str], target: str) -> tuple[np.nda
     # Keep numeric targets numeric; anything else becomes a plain unicode array (never an object array).
     values = column.to_numpy() if pd.api.types.is_numeric_dtype(column) else column.astype(str).to_numpy(dtype=str)
     return features.to_numpy(dtype=np.float64), values, tuple(map(str, features.columns))
+
+
+def _check_unique_names(source: str | Path | io.StringIO, where: str) -> None:
+    """Refuse repeated column names: pandas would rename a copy (`y` -> `y.1`), and a copy of the
+    target would then be read as a feature, leaking the label into the inputs."""
+    if isinstance(source, io.StringIO):
+        source.seek(0)
+        header = next((row for row in csv.reader(source) if row), [])
+    else:
+        with open(source, newline="", encoding="utf-8-sig", errors="replace") as stream:  # -sig: as pandas, drop a BOM
+            header = next((row for row in csv.reader(stream) if row), [])
+    positions = collections.defaultdict(list)
+    for index, column in enumerate(header, start=1):
+        positions[column].append(index)
+    repeated = {column: at for column, at in positions.items() if len(at) > 1}
+    if repeated:
+        listed = "; ".join(f"'{column}' at columns {', '.join(map(str, at))}" for column, at in repeated.items())
+        raise DataError(f"{where}: repeated column name(s): {listed}. Rename or drop the copies: every column needs its own name.")
 
 
 def parse_california_housing(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:

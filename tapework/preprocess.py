@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tapework.catalogue import NORMALIZATIONS
+from tapework.catalogue import NORMALIZATIONS, TASKS
 from tapework.errors import DataError
-from tapework.io import atomic_directory, load_array, read_json, save_array, file_digest, write_json
+from tapework.io import atomic_directory, load_array, read_json, save_array, file_digest, stable_hash, write_json
 from tapework.params import PreprocessParams
 
 SPLITS = ("train", "val", "test")
 META_FILE = "meta.json"  # in the prepared folder: shapes, statistics, class names and every array's SHA-256
+META_HASH_KEY = "meta_sha256"  # in meta.json: stable_hash of every other key, so an edit to the file is seen
+ARRAY_FILES = tuple(f"{kind}_{split}.npy" for split in SPLITS for kind in ("x", "y"))
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+RERUN_PREPROCESS = "re-run the preprocess stage (dvc repro -f preprocess)"
 
 
 def split_indices(size: int, fraction: float, seed: int, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +78,8 @@ def normalization_stats(inputs: np.ndarray, method: str, image: bool) -> tuple[n
         raise ValueError(f"unknown normalization '{method}'; expected one of {', '.join(NORMALIZATIONS)}")
     # A constant feature has scale 0: leave it unscaled instead of dividing by zero.
     scale = np.where(scale > 0, scale, 1.0)
-    return offset.astype(np.float32), scale.astype(np.float32)
+    with np.errstate(over="ignore"):  # a minmax range beyond float32 becomes inf here; prepare reports it
+        return offset.astype(np.float32), scale.astype(np.float32)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: == on numpy arrays is element-wise, not a bool
@@ -106,6 +112,7 @@ def _class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
 def prepare(raw: RawDataset, params: PreprocessParams, dataset: str) -> Prepared:
     """Raw data set -> train/val/test arrays plus the statistics the model standardises with."""
     classification = raw.task == "classification"
+    _check_float32_range(raw, dataset)
     x_all, y_all = raw.x_train, raw.y_train
     if len(x_all) != len(y_all):
         raise DataError(f"{dataset}: {len(x_all)} inputs but {len(y_all)} labels; re-run the download stage")
@@ -129,6 +136,12 @@ def prepare(raw: RawDataset, params: PreprocessParams, dataset: str) -> Prepared
         arrays[f"x_{name}"] = np.ascontiguousarray(inputs, dtype=input_dtype)
         arrays[f"y_{name}"] = np.ascontiguousarray(labels, dtype=label_dtype)
     offset, scale = normalization_stats(arrays["x_train"], params.normalization, image)
+    if not (np.isfinite(offset).all() and np.isfinite(scale).all()):  # minmax: max - min can pass float32's range
+        column = int(np.flatnonzero(~(np.isfinite(offset) & np.isfinite(scale)))[0])
+        raise DataError(
+            f"{dataset}: {_column_name(raw, column)} spans more than float32 can hold ({params.normalization} scale "
+            f"overflows); rescale that column, or use preprocess.normalization: standard"
+        )
     num_classes = len(raw.class_names) if classification else 0
     meta: dict[str, Any] = {
         "dataset": dataset,
@@ -148,27 +161,114 @@ def prepare(raw: RawDataset, params: PreprocessParams, dataset: str) -> Prepared
     return Prepared(arrays, meta)
 
 
+def _column_name(raw: RawDataset, column: int) -> str:
+    if raw.image_shape is not None:
+        return f"channel {column}"
+    return f"column '{raw.feature_names[column]}'" if raw.feature_names else f"feature {column + 1}"
+
+
+def _check_float32_range(raw: RawDataset, dataset: str) -> None:
+    """Tabular features and regression targets become float32: a value beyond its range would turn into inf."""
+    checks = []
+    if raw.image_shape is None:
+        checks += [(raw.x_train, "data row", None), (raw.x_test, "test row", None)]
+    if raw.task == "regression":
+        checks += [(raw.y_train, "data row", "the target"), (raw.y_test, "test row", "the target")]
+    for values, row_kind, label in checks:
+        if values is None or values.dtype.kind != "f":
+            continue
+        table = values.reshape(len(values), -1)
+        beyond = np.abs(table) > FLOAT32_MAX
+        if beyond.any():
+            row, column = (int(index[0]) for index in np.nonzero(beyond))
+            name = label or _column_name(raw, column)
+            raise DataError(
+                f"{dataset}: {name} holds {table[row, column]:g} at {row_kind} {row + 1}, beyond float32's range "
+                f"(±{FLOAT32_MAX:.4g}) that training computes in. Rescale that column (e.g. other units) or drop the row"
+            )
+
+
 def write_prepared(prepared: Prepared, directory: str | Path) -> None:
-    """Write every array and meta.json (with each array's SHA-256) as one all-or-nothing folder."""
+    """Write every array and meta.json (with each array's SHA-256 and its own) as one all-or-nothing folder."""
     with atomic_directory(directory) as temp:
         hashes = {}
         for name, array in sorted(prepared.arrays.items()):
             save_array(temp / f"{name}.npy", array)
             hashes[f"{name}.npy"] = file_digest(temp / f"{name}.npy")
-        write_json(temp / META_FILE, {**prepared.meta, "sha256": hashes})
+        meta = json.loads(json.dumps({**prepared.meta, "sha256": hashes}))  # as load_prepared will read it back
+        write_json(temp / META_FILE, {**meta, META_HASH_KEY: stable_hash(meta)})
 
 
 def load_prepared(directory: str | Path, verify: bool = True) -> Prepared:
-    """Read what write_prepared wrote; with `verify`, a changed or truncated array is an error."""
+    """Read what write_prepared wrote; with `verify`, an edited meta.json or a changed or truncated array is an error."""
     directory = Path(directory)
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise DataError(f"{meta_path} is missing: run the preprocess stage first (dvc repro preprocess)")
-    meta = read_json(meta_path)
+    try:
+        meta = read_json(meta_path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{meta_path} is not valid JSON ({error}): {RERUN_PREPROCESS}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path} does not hold a JSON object: {RERUN_PREPROCESS}")
+    recorded = meta.pop(META_HASH_KEY, None)
+    if verify and recorded != stable_hash(meta):
+        raise DataError(f"{meta_path} changed after preprocess wrote it (its {META_HASH_KEY} does not match): {RERUN_PREPROCESS}")
+    _check_meta(meta, meta_path)
     arrays = {}
-    for file_name, expected in meta["sha256"].items():
+    for file_name in ARRAY_FILES:
         path = directory / file_name
-        if verify and (not path.is_file() or file_digest(path) != expected):
-            raise DataError(f"{path} does not match the hash in meta.json: re-run the preprocess stage (dvc repro -f preprocess)")
-        arrays[file_name.removesuffix(".npy")] = load_array(path)
+        if verify and (not path.is_file() or file_digest(path) != meta["sha256"][file_name]):
+            raise DataError(f"{path} does not match the hash in meta.json: {RERUN_PREPROCESS}")
+        try:
+            arrays[file_name.removesuffix(".npy")] = load_array(path)
+        except (OSError, ValueError) as error:
+            raise DataError(f"{path} is not a readable array ({error}): {RERUN_PREPROCESS}") from None
+    _check_arrays(arrays, meta, meta_path)
     return Prepared(arrays, meta)
+
+
+def _check_meta(meta: dict[str, Any], meta_path: Path) -> None:
+    """The keys later stages read, with the types and agreements they rely on."""
+
+    def fail(problem: str) -> None:
+        raise DataError(f"{meta_path}: {problem}: {RERUN_PREPROCESS}")
+
+    hashes = meta.get("sha256")
+    if not isinstance(hashes, dict) or sorted(hashes) != sorted(ARRAY_FILES):
+        listed = sorted(hashes) if isinstance(hashes, dict) else hashes
+        fail(f"sha256 must list exactly {', '.join(ARRAY_FILES)} (it lists {listed})")
+    if meta.get("task") not in TASKS:
+        fail(f"task is {meta.get('task')!r}, not one of {', '.join(TASKS)}")
+    shape = meta.get("input_shape")
+    if not isinstance(shape, list) or not shape or not all(isinstance(size, int) and size > 0 for size in shape):
+        fail(f"input_shape is {shape!r}, not a list of positive integers")
+    normalization = meta.get("normalization")
+    if not isinstance(normalization, dict) or not all(isinstance(normalization.get(key), list) for key in ("offset", "scale")):
+        fail("normalization must hold offset and scale lists")
+    if meta["task"] == "classification":
+        classes, names = meta.get("num_classes"), meta.get("class_names")
+        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
+            fail(f"num_classes is {classes!r}, not an integer >= 2")
+        if not isinstance(names, list) or len(names) != classes:
+            fail(f"class_names holds {len(names) if isinstance(names, list) else names!r} name(s) for num_classes = {classes}")
+    else:
+        target = meta.get("target")
+        if not isinstance(target, dict) or not all(isinstance(target.get(key), (int, float)) for key in ("offset", "scale")):
+            fail("target must hold numeric offset and scale")
+
+
+def _check_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any], meta_path: Path) -> None:
+    """The arrays agree with meta.json: input shape, one label per example, labels within num_classes."""
+    for split in SPLITS:
+        inputs, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if list(inputs.shape[1:]) != meta["input_shape"] or labels.shape != (len(inputs),):
+            raise DataError(
+                f"{meta_path}: x_{split} {inputs.shape} / y_{split} {labels.shape} do not fit input_shape "
+                f"{meta['input_shape']}: {RERUN_PREPROCESS}"
+            )
+        if meta["task"] == "classification" and labels.size and not 0 <= int(labels.min()) <= int(labels.max()) < meta["num_classes"]:
+            raise DataError(
+                f"{meta_path}: y_{split} holds labels {int(labels.min())}..{int(labels.max())}, outside 0..{meta['num_classes'] - 1} "
+                f"(num_classes): {RERUN_PREPROCESS}"
+            )

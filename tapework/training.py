@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from tapework.batching import make_dataset, steps_per_epoch
 from tapework.checkpoint import TrainingState, open_store
-from tapework.distribute import configure_logical_cpus_from_env, distribute_dataset, is_chief, make_strategy
+from tapework.distribute import configure_environment, distribute_dataset, is_chief, make_strategy
 from tapework.early_stopping import EarlyStopping
-from tapework.errors import NonFiniteLossError
+from tapework.errors import DataError, NonFiniteLossError
 from tapework.loop import Evaluator, make_train_function, task_spec
 from tapework.metrics import MetricSet
 from tapework.models import build_model, model_config
@@ -105,7 +105,7 @@ def train(
     Under `train.distribute: multi_worker` every worker calls this with the same arguments; only
     the chief writes checkpoints and TensorBoard logs (see `checkpoint.open_store`).
     """
-    configure_logical_cpus_from_env()  # first: TF fixes its device list when it initialises
+    configure_environment(train_params.distribute)  # first: TF fixes its device list when it initialises
     strategy = make_strategy(train_params.distribute)  # MultiWorkerMirroredStrategy must precede other TF ops
     configure_determinism(train_params.seed)
     keras.mixed_precision.set_dtype_policy("mixed_float16" if train_params.mixed_precision else "float32")
@@ -115,13 +115,13 @@ def train(
     x_val, y_val = data.split("val")
     steps = steps_per_epoch(len(x_train), train_params.batch_size, train_params.drop_remainder)
     if steps == 0:
-        raise ValueError(
+        raise DataError(
             f"train.batch_size = {train_params.batch_size} with drop_remainder leaves no batch from "
             f"{len(x_train)} training examples; lower train.batch_size"
         )
     if strategy is not None:
         log.info("distribute: %s with %d replica(s) in sync", train_params.distribute, strategy.num_replicas_in_sync)
-    chief = is_chief()
+    chief = is_chief(train_params.distribute)
     normalization = meta["normalization"]
     config = model_config(train_params, tuple(meta["input_shape"]), spec.outputs, normalization["offset"], normalization["scale"])
     with strategy.scope() if strategy else contextlib.nullcontext():

@@ -111,7 +111,7 @@ def main() -> None:
     from tapework.training import is_chief
 
     np.savez(args.out_prefix.with_suffix(".npz"), **weights_dict(result.model))
-    report = {"history": result.history, "chief": is_chief(), "pid": os.getpid()}
+    report = {"history": result.history, "chief": is_chief(args.distribute), "pid": os.getpid()}
     args.out_prefix.with_suffix(".json").write_text(json.dumps(report, indent=1))
 
 

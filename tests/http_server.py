@@ -17,14 +17,27 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 # good: the file; corrupt: one byte flipped; truncate: full Content-Length, half the body, then close;
-# 404 / 500: that status; slow_drop: headers and a few bytes, a stall of `stall_seconds`, then close.
-FAULTS = ("good", "corrupt", "truncate", "404", "500", "slow_drop")
+# 404 / 500: that status; slow_drop: headers and a few bytes, a stall of `stall_seconds`, then close;
+# trickle: full Content-Length, then one byte every `trickle_seconds` (never stalls long enough for a read timeout);
+# oversize: no Content-Length, the file followed by filler up to `oversize_bytes` in all, then close.
+FAULTS = ("good", "corrupt", "truncate", "404", "500", "slow_drop", "trickle", "oversize")
 
 
 class FaultServer:
-    def __init__(self, files: dict[str, bytes | Path] | None = None, *, stall_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        files: dict[str, bytes | Path] | None = None,
+        *,
+        stall_seconds: float = 1.0,
+        trickle_seconds: float = 0.5,
+        oversize_bytes: int = 300_000_000,
+    ) -> None:
         self.files: dict[str, bytes | Path] = dict(files or {})
         self.stall_seconds = stall_seconds
+        self.trickle_seconds = trickle_seconds
+        self.oversize_bytes = oversize_bytes
+        self.sent: collections.Counter[str] = collections.Counter()  # body bytes written per path
+        self.stopping = threading.Event()
         self._faults: dict[str, collections.deque[str]] = collections.defaultdict(collections.deque)
         self._counts: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
@@ -62,6 +75,7 @@ class FaultServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stopping.set()  # ends trickle and oversize bodies still being written
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
@@ -96,17 +110,36 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             data = data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(data)))
+        if fault != "oversize":
+            self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if fault == "truncate":
-            self.wfile.write(data[: len(data) // 2])
+            self._send(path, data[: len(data) // 2])
         elif fault == "slow_drop":
-            self.wfile.write(data[: min(len(data) // 2, 1024)])
-            self.wfile.flush()
+            self._send(path, data[: min(len(data) // 2, 1024)])
             time.sleep(state.stall_seconds)
+        elif fault == "trickle":
+            for index in range(len(data)):
+                if state.stopping.is_set():
+                    break
+                self._send(path, data[index : index + 1])
+                time.sleep(state.trickle_seconds)
+        elif fault == "oversize":
+            self._send(path, data)
+            filler = bytes(1 << 20)
+            remaining = state.oversize_bytes - len(data)
+            while remaining > 0 and not state.stopping.is_set():
+                self._send(path, filler[:remaining])
+                remaining -= len(filler)
         else:
-            self.wfile.write(data)
-        self.close_connection = True  # truncate / slow_drop: the close is what ends the body early
+            self._send(path, data)
+        self.close_connection = True  # truncate / slow_drop / oversize: the close is what ends the body
+
+    def _send(self, path: str, chunk: bytes) -> None:
+        self.wfile.write(chunk)
+        self.wfile.flush()
+        with self.server.fault_server._lock:
+            self.server.fault_server.sent[path] += len(chunk)
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the http.server API
         pass

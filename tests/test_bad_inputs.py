@@ -12,10 +12,47 @@ Catalogue of bad inputs tried across the suite (see each file for the cases):
 - this file: unsafe or corrupt model files, tampered raw and prepared data, a diverging run,
   kills and failures in the middle of writing outputs
 - interruptions of train (SIGKILL, SIGTERM) and resume (tests/test_pipeline.py)
+
+Added for issue 16 (reliability):
+- A, downloads without limits (tests/test_download.py): a mirror trickling one byte per 0.1 s
+  (given up at download.deadline_seconds, with progress log lines), a body without
+  Content-Length far past the pinned size (cut off one byte past it, nothing kept), a
+  Content-Length other than the pinned size, a full disk while writing, a download cache under a
+  regular file or on a read-only mount, malformed TAPEWORK_MIRROR / download.mirror (bad IPv6
+  bracket, non-numeric port, no host, ftp://, a space, file://host), and a real SIGKILL of a
+  download subprocess (its staging folder and cache .partial cleared by the next run, a live
+  run's kept); catalogue sizes against the shared files (tests/test_datasets.py)
+- B, checks that could be switched off (tests/test_datasets.py, tests/test_parsers.py,
+  tests/test_preprocess.py): a swapped all-zero labels file with its manifest entry deleted or
+  rewritten, a gzip bomb behind a deleted manifest entry, an unlisted extra file, a manifest
+  missing a file the loader reads; parse_idx on a 256 MB bomb (inflates 60,009 bytes), on a
+  header claiming a terabyte, trailing data, a bad gzip trailer; meta.json edited (num_classes,
+  class_names, a sha256 entry, its own hash), also with a recomputed self-hash
+- C, an unpinned or changed local CSV (tests/test_datasets.py; through dvc in this file), and a
+  check_params stage that never opens the CSV (a FIFO as download.csv.path)
+- D, silently wrong numbers: R² of a constant target, also with inexact constants over 40
+  batches (tests/test_metrics.py, with `dvc metrics show/diff` on a file without r2; the
+  pipeline end to end in this file), early stopping on that R² (this file), duplicate column
+  names incl. the target twice (tests/test_parsers.py), features or targets beyond float32 and a
+  minmax range beyond it (tests/test_preprocess.py)
+- E, environment (tests/test_distribute.py; stage by stage in this file): a leftover TF_CONFIG
+  with train.distribute none or mirrored, TF_CONFIG not JSON / not an object / malformed
+  cluster / non-integer index / task outside the cluster, TAPEWORK_LOGICAL_CPUS abc / 0 / -2 /
+  2.5 / 100000000, TAPEWORK_LOG_LEVEL=verbose, a malformed TAPEWORK_MIRROR, TAPEWORK_CACHE
+  under a regular file
+- F, params.yaml and prepared/model files (tests/test_params.py; stage by stage in this file):
+  a latin-1 byte, a 0-byte or comments-only file, duplicate keys and sections, a tab, YAML 1.2
+  scalars against DVC's own reader (1e-3, yes, 017, ...), batch sizes 2**31, 2**62, 2**63 and
+  any integer key past 2**31-1, a batch larger than the data with drop_remainder, a truncated
+  meta.json or model.json, a missing sha256 entry, shortened class_names, an edited num_classes
 """
 
+import dataclasses
+import hashlib
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -28,7 +65,7 @@ from tapework.errors import DataError
 from tapework.io import save_npz
 from tapework.models import build_model, load_model, save_model
 from tapework.preprocess import load_prepared, prepare, write_prepared
-from tests.conftest import make_params, run, shared_data, stage_command, tool_env, update_params
+from tests.conftest import TINY_PARAMS, copy_project, make_params, run, shared_data, stage_command, tool_env, update_params
 from tests.test_loop import tiny_mlp
 from tests.test_preprocess import fake_images
 
@@ -168,3 +205,153 @@ def test_build_model_rejects_an_impossible_vit_patch(tmp_path):
     config = {"model": "vit", "settings": {"patch_size": 3, "embed_dim": 8, "num_heads": 2, "num_blocks": 1, "mlp_dim": 8, "dropout": 0.0}, "input_shape": [8, 8, 1], "outputs": 10, "l2": 0.0, "seed": 0, "offset": [0.0], "scale": [1.0]}
     with pytest.raises(ValueError, match="patch_size = 3 must divide"):
         build_model(config)
+
+
+# --- issue 16: environment variables, params.yaml and prepared/model files, stage by stage ----------
+
+
+@pytest.fixture(scope="module")
+def trained_repo(tmp_path_factory):
+    """A repo copy after a tiny `dvc repro` (digits): every stage's inputs exist."""
+    repo = copy_project(tmp_path_factory.mktemp("trained") / "repo", {**TINY_PARAMS, "train.tensorboard": False})
+    run(["dvc", "repro"], repo, TAPEWORK_CACHE=str(repo.parent / "cache"))
+    return repo
+
+
+def _edit_json(relative, change):
+    def edit(repo):
+        path = repo / relative
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+
+    return edit
+
+
+def _truncate(relative):
+    def edit(repo):
+        path = repo / relative
+        path.write_bytes(path.read_bytes()[:40])
+
+    return edit
+
+
+def _params_text(old, new):
+    def edit(repo):
+        path = repo / "params.yaml"
+        path.write_text(path.read_text().replace(old, new, 1))
+
+    return edit
+
+
+def _params(changes):
+    return lambda repo: update_params(repo / "params.yaml", changes)
+
+
+def _cache_under_a_file(repo):
+    (repo / "a-file").write_text("not a folder")
+    update_params(repo / "params.yaml", {"download.dataset": "mnist", "download.mirror": str(repo / "no-mirror-needed")})
+
+
+WORKER_1 = json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}})
+# (id, stage, environment, edit of the repo, text the one error line holds)
+STAGE_CASES = [
+    ("tf-config-contradicts-params", "train", {"TF_CONFIG": WORKER_1}, None, "TF_CONFIG is set (worker 1 of a 2-process cluster) but train.distribute is 'none': unset TF_CONFIG"),
+    ("tf-config-not-json", "train", {"TF_CONFIG": "{cluster: "}, None, "TF_CONFIG is invalid (not JSON: "),
+    ("tf-config-task-outside-cluster", "train", {"TF_CONFIG": WORKER_1.replace('"index": 1', '"index": 7')}, None, "TF_CONFIG is invalid (task worker 7 is not in the cluster)"),
+    ("logical-cpus-text", "train", {"TAPEWORK_LOGICAL_CPUS": "abc"}, None, "TAPEWORK_LOGICAL_CPUS='abc' is invalid: set it to an integer from 1 to 256"),
+    ("logical-cpus-huge", "train", {"TAPEWORK_LOGICAL_CPUS": "100000000"}, None, "TAPEWORK_LOGICAL_CPUS='100000000' is invalid"),
+    ("log-level", "check_params", {"TAPEWORK_LOG_LEVEL": "verbose"}, None, "TAPEWORK_LOG_LEVEL='verbose' is invalid: set it to DEBUG, INFO, WARNING or ERROR, or unset it"),
+    ("mirror-malformed", "download", {"TAPEWORK_MIRROR": "http://[::1/mnist"}, _params({"download.dataset": "mnist"}), "TAPEWORK_MIRROR='http://[::1/mnist' is not a usable mirror (Invalid IPv6 URL)"),
+    ("cache-under-a-file", "download", {"TAPEWORK_CACHE": "a-file/cache"}, _cache_under_a_file, "TAPEWORK_CACHE='a-file/cache' cannot hold downloads (Not a directory)"),
+    ("params-latin-1", "check_params", {}, lambda repo: (repo / "params.yaml").write_bytes((repo / "params.yaml").read_bytes().replace(b"dataset:", b"datas\xe9t:", 1)), "params.yaml: not UTF-8 text (byte 0xe9 on line 2)"),
+    ("params-empty", "check_params", {}, lambda repo: (repo / "params.yaml").write_bytes(b""), "params.yaml: empty (no keys at all)"),
+    ("params-duplicate-key", "check_params", {}, _params_text("  epochs: 3\n", "  epochs: 3\n  epochs: 50\n"), "params.yaml: key `epochs` is set twice"),
+    ("batch-size-2**63", "check_params", {}, _params({"train.batch_size": 2**63}), "train.batch_size = 9223372036854775808 is invalid: must be >= 1 and <= 2147483647"),
+    ("evaluate-batch-size-2**62", "evaluate", {}, _params({"evaluate.batch_size": 2**62}), "evaluate.batch_size = 4611686018427387904 is invalid"),
+    ("batch-larger-than-the-data", "train", {}, _params({"train.batch_size": 2**31 - 1, "train.drop_remainder": True}), "train.batch_size = 2147483647 with drop_remainder leaves no batch"),
+    ("meta-truncated", "train", {}, _truncate("data/prepared/meta.json"), "meta.json is not valid JSON"),
+    ("meta-sha256-entry-missing", "train", {}, _edit_json("data/prepared/meta.json", lambda meta: meta["sha256"].pop("x_val.npy")), "meta.json changed after preprocess wrote it"),
+    ("meta-class-names-short", "evaluate", {}, _edit_json("data/prepared/meta.json", lambda meta: meta.update(class_names=meta["class_names"][:5])), "meta.json changed after preprocess wrote it"),
+    ("meta-num-classes-edited", "train", {}, _edit_json("data/prepared/meta.json", lambda meta: meta.update(num_classes=5)), "meta.json changed after preprocess wrote it"),
+    ("model-json-truncated", "evaluate", {}, _truncate("models/model.json"), "models/model.json is not valid JSON (Expecting"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "env", "edit", "expected"), [case[1:] for case in STAGE_CASES], ids=[case[0] for case in STAGE_CASES])
+def test_bad_environment_params_or_files_stop_a_stage_with_one_line(trained_repo, tmp_path, stage, env, edit, expected):
+    repo = tmp_path / "repo"
+    shutil.copytree(trained_repo, repo, symlinks=True)
+    if edit:
+        edit(repo)
+    outputs = {path: path.read_bytes() for path in sorted((repo / "models").iterdir())}
+    result = run(stage_command(stage, repo), repo, check=False, timeout=120, **env)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
+    assert "epoch 1/" not in result.stderr  # stopped before any training
+    assert {path: path.read_bytes() for path in sorted((repo / "models").iterdir())} == outputs
+
+
+@pytest.mark.slow
+def test_leftover_tf_config_with_distribute_none_no_longer_trains_for_nothing(trained_repo, tmp_path):
+    """The chief rule applies only under multi_worker: without TF_CONFIG a `none` run writes its outputs."""
+    repo = tmp_path / "repo"
+    shutil.copytree(trained_repo, repo, symlinks=True)
+    shutil.rmtree(repo / "models")
+    run(stage_command("train", repo), repo)
+    assert (repo / "models" / "model.json").is_file()
+
+
+@pytest.mark.slow
+def test_local_csv_needs_a_pin_and_an_edited_csv_is_seen(repo_copy, tmp_path):
+    table = tmp_path / "table.csv"
+    rows = [f"{i},{i % 5},{i % 2}\n" for i in range(120)]
+    table.write_text("a,b,target\n" + "".join(rows))
+    update_params(repo_copy / "params.yaml", {"download.dataset": "csv", "download.csv.path": str(table)})
+    unpinned = run(["dvc", "repro", "download"], repo_copy, check=False)
+    current = hashlib.sha256(table.read_bytes()).hexdigest()
+    assert unpinned.returncode != 0 and f"set `sha256: {current}` under download.csv" in unpinned.stderr
+    update_params(repo_copy / "params.yaml", {"download.csv.sha256": current})
+    run(["dvc", "repro", "download"], repo_copy)
+    table.write_text("a,b,target\n" + "".join(rows[:-1]))  # one row deleted
+    edited = hashlib.sha256(table.read_bytes()).hexdigest()
+    stale = run(["dvc", "repro", "--force", "download"], repo_copy, check=False)
+    assert stale.returncode != 0 and f"SHA-256 {edited} differs from download.csv.sha256 {current}: the file changed" in stale.stderr
+    update_params(repo_copy / "params.yaml", {"download.csv.sha256": edited})  # the fix the error names
+    status = run(["dvc", "status", "download"], repo_copy).stdout
+    assert re.search(r"params\.yaml:\s+modified:\s+download", status), status  # DVC sees the change (in its params section)
+    run(["dvc", "repro", "download"], repo_copy)
+    assert "data.csv" in json.loads((repo_copy / "data/raw/manifest.json").read_text())["files"]
+
+
+@pytest.mark.slow
+def test_constant_regression_target_reports_no_r2_and_dvc_metrics_still_work(repo_copy, tmp_path):
+    table = tmp_path / "table.csv"
+    table.write_text("a,b,y\n" + "".join(f"{i},{i % 7},5.0\n" for i in range(200)))
+    update_params(repo_copy / "params.yaml", {
+        "download.dataset": "csv", "download.csv.path": str(table), "download.csv.target": "y", "download.csv.task": "regression",
+        "download.csv.sha256": hashlib.sha256(table.read_bytes()).hexdigest(), "preprocess.max_train_examples": 0,
+    })
+    result = run(["dvc", "repro"], repo_copy)
+    assert "r2 is not defined: the target is constant" in result.stderr + result.stdout
+    test = json.loads((repo_copy / "metrics/evaluate.json").read_text())["test"]
+    train = json.loads((repo_copy / "metrics/train.json").read_text())
+    assert "r2" not in test and "r2" not in train["train"] and "r2" not in train["val"] and "mae" in test
+    assert "train_r2" not in (repo_copy / "metrics/train_history.tsv").read_text()
+    shown = run(["dvc", "metrics", "show", "--json"], repo_copy)
+    assert "metrics/evaluate.json" in shown.stdout
+
+
+def test_early_stopping_on_an_r2_that_is_not_defined_is_one_line():
+    """A constant validation target has no R² (MetricSet leaves val_r2 out): monitoring it is a clear error."""
+    from tapework.checkpoint import TrainingState
+    from tapework.early_stopping import EarlyStopping
+
+    model = tiny_mlp()
+    settings = make_params({"download.dataset": "diabetes", "train.early_stopping.monitor": "val_r2", "train.early_stopping.patience": 2}).train.early_stopping
+    with pytest.raises(DataError, match=r"train\.early_stopping\.monitor = val_r2 has no value: it is not defined on this validation split \(a constant target\)\. Monitor val_loss"):
+        EarlyStopping(settings, TrainingState(model)).update({"epoch": 1, "val_loss": 1.0}, model)
+    switched_off = EarlyStopping(dataclasses.replace(settings, patience=0), TrainingState(model))
+    assert switched_off.update({"epoch": 1, "val_loss": 1.0}, model) is False

@@ -7,10 +7,12 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ import pytest
 import yaml
 from http_server import FaultServer
 
-from tapework import catalogue, datasets
+from tapework import catalogue, datasets, parsers
 from tapework.catalogue import DATASETS, RemoteFile
 from tapework.datasets import fetch_dataset, load_raw
 from tapework.errors import DataError, DownloadError
@@ -63,7 +65,7 @@ def tiny_mnist(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
         "t10k-images-idx3-ubyte.gz": idx(rng.integers(0, 256, (3, 4, 4))),
         "t10k-labels-idx1-ubyte.gz": idx(np.array([5, 6, 7])),
     }
-    remote = tuple(RemoteFile(name, f"https://example.invalid/mnist/{name}", sha(data)) for name, data in files.items())
+    remote = tuple(RemoteFile(name, f"https://example.invalid/mnist/{name}", sha(data), len(data)) for name, data in files.items())
     monkeypatch.setitem(DATASETS, "mnist", dataclasses.replace(DATASETS["mnist"], files=remote, image_shape=(4, 4, 1)))
     return files
 
@@ -82,6 +84,7 @@ def test_catalogue_entries_are_complete() -> None:
         assert len(spec.class_names) == (10 if spec.task == "classification" else 0), name
         for remote in spec.files:
             assert len(remote.sha256) == 64 and int(remote.sha256, 16) >= 0, remote
+            assert isinstance(remote.size, int) and remote.size > 0, remote
             assert remote.url is None or remote.url.startswith("https://") and remote.url.endswith("/" + remote.name)
 
 
@@ -92,6 +95,7 @@ def test_pins_match_the_shared_reference_sums(dataset: str, folder: str) -> None
     sums = dict(reversed(line.split()) for line in (shared_data(folder) / "SHA256SUMS").read_text().splitlines() if line)
     for remote in DATASETS[dataset].files:
         assert sums[remote.name] == remote.sha256, remote.name
+        assert (shared_data(folder) / remote.name).stat().st_size == remote.size, remote.name
 
 
 # --- bundled (offline) data sets --------------------------------------------------------------
@@ -239,7 +243,7 @@ def cifar_archive(path: Path, per_batch: int = 2, extra: tuple[str, bytes] | Non
 
 def pin_cifar(monkeypatch: pytest.MonkeyPatch, archive: Path) -> None:
     (remote,) = DATASETS["cifar10"].files
-    pinned = dataclasses.replace(remote, sha256=sha(archive.read_bytes()))
+    pinned = dataclasses.replace(remote, sha256=sha(archive.read_bytes()), size=archive.stat().st_size)
     monkeypatch.setitem(DATASETS, "cifar10", dataclasses.replace(DATASETS["cifar10"], files=(pinned,)))
 
 
@@ -275,10 +279,15 @@ def csv_params(path: str, **csv: str) -> DownloadParams:
     return params("csv", csv=csv_settings(path=path, **csv))
 
 
+def pinned_csv(path: Path, **csv: str) -> DownloadParams:
+    """download.csv naming a local file, pinned to its current SHA-256 (the pin is required)."""
+    return csv_params(str(path), sha256=sha(path.read_bytes()), **csv)
+
+
 def test_csv_local_classification_with_text_labels(tmp_path: Path) -> None:
     table = tmp_path / "iris.csv"
     table.write_text("a,b,species\n1,2,setosa\n3,4,virginica\n5,6,setosa\n")
-    manifest = fetch_dataset(csv_params(str(table), target="species"), tmp_path / "raw")
+    manifest = fetch_dataset(pinned_csv(table, target="species"), tmp_path / "raw")
     assert manifest["files"]["data.csv"] == sha(table.read_bytes())
     raw = load_raw("csv", tmp_path / "raw", csv_settings(path=str(table), target="species"))
     assert raw.x_train.dtype == np.float64 and raw.x_train.shape == (3, 2) and raw.feature_names == ("a", "b")
@@ -306,7 +315,7 @@ def test_csv_over_http_needs_and_checks_a_pin(tmp_path: Path) -> None:
 def test_csv_classification_rejects_fractional_targets(tmp_path: Path) -> None:
     table = tmp_path / "t.csv"
     table.write_text("a,y\n1,0.5\n2,1.0\n")
-    fetch_dataset(csv_params(table.as_uri(), target="y"), tmp_path / "raw")
+    fetch_dataset(csv_params(table.as_uri(), target="y", sha256=sha(table.read_bytes())), tmp_path / "raw")
     with pytest.raises(DataError, match="non-integer values; set download.csv.task: regression"):
         load_raw("csv", tmp_path / "raw", csv_settings(path=str(table), target="y"))
 
@@ -346,3 +355,117 @@ def test_adding_a_data_set_is_one_catalogue_entry(tmp_path: Path, monkeypatch: p
     fetch_dataset(download, tmp_path / "raw")
     raw = load_raw("mnist_again", tmp_path / "raw", csv_settings())
     assert raw.x_train.shape == (60000, 28, 28, 1) and raw.class_names == catalogue.DIGIT_CLASSES
+
+
+# --- the manifest cannot switch a check off (issue 16, item B) -----------------------------------
+
+
+def drop_from_manifest(raw_dir: Path, name: str) -> None:
+    manifest = json.loads((raw_dir / "manifest.json").read_text())
+    del manifest["files"][name]
+    (raw_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_pinned_file_is_checked_against_the_catalogue_whatever_the_manifest_says(tmp_path: Path, tiny_mnist) -> None:
+    raw_dir = tmp_path / "raw"
+    fetch_dataset(params("mnist", mirror=str(_serve_folder(tmp_path, tiny_mnist))), raw_dir)
+    labels = raw_dir / "train-labels-idx1-ubyte.gz"
+    # A swapped, well-formed labels file (all zeros) whose manifest entry was deleted.
+    labels.write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 6]) + bytes(6), mtime=0))
+    drop_from_manifest(raw_dir, labels.name)
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte\.gz: SHA-256 \w+ differs from its catalogue pin"):
+        load_raw("mnist", raw_dir, csv_settings())
+    # Or the manifest entry rewritten to the swapped file's hash: the pin still decides.
+    manifest = json.loads((raw_dir / "manifest.json").read_text())
+    manifest["files"][labels.name] = sha(labels.read_bytes())
+    (raw_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="differs from its catalogue pin"):
+        load_raw("mnist", raw_dir, csv_settings())
+
+
+def test_a_gzip_bomb_behind_a_deleted_manifest_entry_is_never_inflated(tmp_path: Path, tiny_mnist, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw_dir = tmp_path / "raw"
+    fetch_dataset(params("mnist", mirror=str(_serve_folder(tmp_path, tiny_mnist))), raw_dir)
+    images = raw_dir / "train-images-idx3-ubyte.gz"
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = packer.compress(bytes([0, 0, 8, 3, 0, 0, 0, 6, 0, 0, 0, 4, 0, 0, 0, 4])) + packer.compress(bytes(64 << 20)) + packer.flush()
+    images.write_bytes(bomb)  # 64 KB on disk, 64 MB inflated
+    drop_from_manifest(raw_dir, images.name)
+    inflated = []
+    monkeypatch.setattr(parsers.zlib, "decompressobj", _counting_decompressobj(inflated))
+    with pytest.raises(DataError, match="differs from its catalogue pin"):
+        load_raw("mnist", raw_dir, csv_settings())
+    assert sum(inflated) == 0  # refused by its hash before anything was parsed
+
+
+def test_files_the_manifest_does_not_list_are_refused(tmp_path: Path) -> None:
+    raw_dir = tmp_path / "raw"
+    fetch_dataset(params("digits"), raw_dir)
+    (raw_dir / "extra.bin").write_bytes(b"unverified")
+    with pytest.raises(DataError, match=r"extra\.bin: not listed in manifest\.json, so it cannot be verified"):
+        load_raw("digits", raw_dir, csv_settings())
+    (raw_dir / "extra.bin").unlink()
+    drop_from_manifest(raw_dir, "digits.npz")
+    with pytest.raises(DataError, match=r"manifest\.json: does not list digits\.npz, which the sklearn loader reads"):
+        load_raw("digits", raw_dir, csv_settings())
+
+
+def _serve_folder(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    folder = tmp_path / "mirror"
+    folder.mkdir(exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def _counting_decompressobj(inflated: list[int]):
+    real = zlib.decompressobj
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self.inner = real(*args, **kwargs)
+
+        def decompress(self, data, max_length=0):
+            out = self.inner.decompress(data, max_length)
+            inflated.append(len(out))
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    return Counting
+
+
+# --- local CSV files are pinned too (issue 16, item C) ---------------------------------------------
+
+
+def test_local_csv_without_a_pin_is_refused_with_the_hash_to_paste(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text("a,b,target\n1,2,0\n3,4,1\n")
+    current = sha(table.read_bytes())
+    for path in (str(table), table.as_uri()):
+        with pytest.raises(ParamsError, match=rf"download\.csv\.sha256 is empty; pin the CSV: set `sha256: {current}` under download\.csv") as caught:
+            fetch_dataset(csv_params(path), tmp_path / "raw")
+        assert "\n" not in str(caught.value)
+    assert not (tmp_path / "raw").exists()
+    fetch_dataset(csv_params(str(table), sha256=current), tmp_path / "raw")
+    table.write_text("a,b,target\n1,2,1\n3,4,1\n")  # edited: the pin no longer matches
+    edited = sha(table.read_bytes())
+    with pytest.raises(DataError, match=rf"SHA-256 {edited} differs from download\.csv\.sha256 {current}: the file changed\. If the change is intended, set `sha256: {edited}`"):
+        fetch_dataset(csv_params(str(table), sha256=current), tmp_path / "raw")
+    assert load_raw("csv", tmp_path / "raw", csv_settings(path=str(table), sha256=current)).y_train.tolist() == [0, 1]  # the pinned data stays
+    (tmp_path / "raw" / "data.csv").write_text("a,b,target\n9,9,1\n9,9,0\n")  # swapped in data/raw, manifest entry gone
+    drop_from_manifest(tmp_path / "raw", "data.csv")
+    with pytest.raises(DataError, match=rf"data\.csv: SHA-256 \w+ differs from download\.csv\.sha256 {current}"):
+        load_raw("csv", tmp_path / "raw", csv_settings(path=str(table), sha256=current))
+
+
+def test_check_params_stage_never_opens_the_csv(tmp_path: Path) -> None:
+    """download.csv.path names a FIFO: opening it would block, so the stage finishing proves it never read the CSV."""
+    fifo = tmp_path / "table.csv"
+    os.mkfifo(fifo)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_overrides(read_raw(REPO / "params.yaml"), {"download.dataset": "csv", "download.csv.path": str(fifo)})))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(stage_command("check_params"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "data" / "params.ok").is_file()

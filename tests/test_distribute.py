@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tapework.distribute import LOGICAL_CPUS_ENV, configure_logical_cpus, distribute_dataset, make_strategy
+from tapework.distribute import LOGICAL_CPUS_ENV, configure_environment, configure_logical_cpus, distribute_dataset, is_chief, make_strategy
+from tapework.errors import EnvironmentSettingError
 from tapework.models import weights_dict
 from tests.conftest import tool_env
 from tests.distribute_driver import train_tiny
@@ -231,3 +232,58 @@ def test_nonfinite_loss_on_one_replica_is_skipped_by_all(tmp_path):
     command = [sys.executable, "-c", "from tests.test_distribute import nonfinite_steps_under_mirrored as run; run()"]
     result = subprocess.run(command, cwd=DRIVER.parents[1], env=tool_env(), capture_output=True, text=True, timeout=PROCESS_TIMEOUT)
     assert result.returncode == 0 and "nonfinite-ok" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+# --- issue 16: the environment a run reads ---------------------------------------------------------
+
+
+def tf_config(kind: str, index: int, **cluster: list[str]) -> str:
+    return json.dumps({"cluster": cluster or {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": kind, "index": index}})
+
+
+@pytest.mark.parametrize(
+    ("config", "kind", "chief"),
+    [
+        (None, "none", True),
+        (None, "multi_worker", True),
+        (tf_config("worker", 0), "multi_worker", True),
+        (tf_config("worker", 1), "multi_worker", False),
+        (tf_config("worker", 0, chief=["127.0.0.1:3"], worker=["127.0.0.1:1"]), "multi_worker", False),
+        (tf_config("chief", 0, chief=["127.0.0.1:3"], worker=["127.0.0.1:1"]), "multi_worker", True),
+        (tf_config("worker", 1), "none", True),  # the chief rule is multi_worker's only (and configure_environment refuses this)
+        (tf_config("worker", 1), "mirrored", True),
+    ],
+)
+def test_is_chief_applies_the_worker_rule_only_under_multi_worker(monkeypatch: pytest.MonkeyPatch, config, kind, chief) -> None:
+    if config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", config)
+    assert is_chief(kind) is chief
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "kind", "message"),
+    [
+        ("TF_CONFIG", tf_config("worker", 1), "none", "TF_CONFIG is set (worker 1 of a 2-process cluster) but train.distribute is 'none'"),
+        ("TF_CONFIG", tf_config("worker", 0), "mirrored", "but train.distribute is 'mirrored': unset TF_CONFIG for a one-process run, or set train.distribute: multi_worker"),
+        ("TF_CONFIG", "{cluster: ", "multi_worker", "TF_CONFIG is invalid (not JSON: "),
+        ("TF_CONFIG", "[1, 2]", "multi_worker", "TF_CONFIG is invalid (not a JSON object)"),
+        ("TF_CONFIG", '{"cluster": {"worker": "127.0.0.1:1"}, "task": {"type": "worker", "index": 0}}', "multi_worker", "'cluster' must map task types to lists"),
+        ("TF_CONFIG", '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": "0"}}', "multi_worker", "'task' must hold a 'type' and an integer 'index'"),
+        ("TF_CONFIG", tf_config("worker", 2), "multi_worker", "task worker 2 is not in the cluster"),
+        ("TF_CONFIG", tf_config("ps", 0), "multi_worker", "task ps 0 is not in the cluster"),
+        (LOGICAL_CPUS_ENV, "abc", "mirrored", "TAPEWORK_LOGICAL_CPUS='abc' is invalid: set it to an integer from 1 to 256"),
+        (LOGICAL_CPUS_ENV, "0", "mirrored", "TAPEWORK_LOGICAL_CPUS='0' is invalid"),
+        (LOGICAL_CPUS_ENV, "-2", "mirrored", "TAPEWORK_LOGICAL_CPUS='-2' is invalid"),
+        (LOGICAL_CPUS_ENV, "100000000", "none", "TAPEWORK_LOGICAL_CPUS='100000000' is invalid"),
+        (LOGICAL_CPUS_ENV, "2.5", "mirrored", "TAPEWORK_LOGICAL_CPUS='2.5' is invalid"),
+    ],
+)
+def test_malformed_or_contradicting_environment_is_one_line(monkeypatch: pytest.MonkeyPatch, variable, value, kind, message) -> None:
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(EnvironmentSettingError) as caught:
+        configure_environment(kind)  # raises before TensorFlow's devices are touched
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert "unset it" in str(caught.value) or "unset TF_CONFIG" in str(caught.value)

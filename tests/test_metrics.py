@@ -1,11 +1,15 @@
 """Metric maths against hand-computed references (and scikit-learn where it has the same metric)."""
 
+import json
+
 import numpy as np
 import pytest
 from sklearn.metrics import precision_recall_fscore_support, r2_score
 
+from tapework.io import write_json
 from tapework.metrics import ConfusionMatrix, HuberMetric, MetricSet, RSquared
 from tapework.reports import per_class_report
+from tests.conftest import run
 
 
 def huber_reference(y_true, y_pred, delta):
@@ -113,3 +117,57 @@ def test_running_reads_the_loss_and_main_metric_the_progress_bar_shows(task, mai
     assert list(running) == ["loss", main]
     results = metrics.results()
     assert running == {"loss": results["loss"], main: results[main]} and running["loss"] == pytest.approx(1.25)
+
+
+# --- issue 16: R² of a constant target is not defined --------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0.0, 5.0, 0.1, -123456.7])
+def test_r_squared_of_a_constant_target_is_not_defined_and_left_out(value, caplog):
+    """SST = 0: no R² exists (1.0 was reported before). 0.1 and -123456.7 are not exact in binary,
+    so their float64 sums leave rounding residue that must still count as zero spread."""
+    caplog.set_level("WARNING", logger="tapework.metrics")
+    metrics = MetricSet("regression", 0, huber_delta=1.0)
+    rng = np.random.default_rng(0)
+    for _ in range(40):  # many batches: rounding accumulates across the assign_adds
+        targets = np.full(97, value, np.float32)
+        metrics.update(targets, targets + rng.normal(size=97).astype(np.float32), np.ones(97))
+    assert not metrics.others[-1].defined() and np.isnan(float(metrics.others[-1].result()))
+    first = metrics.results()
+    assert "r2" not in first and {"loss", "mae", "rmse", "huber"} <= set(first)
+    metrics.results()
+    warnings = [record.getMessage() for record in caplog.records if "r2 is not defined" in record.getMessage()]
+    assert warnings == ["r2 is not defined: the target is constant over these 3880 examples (nothing to explain); it is left out of the metrics"]
+
+
+def test_r_squared_of_a_barely_varying_target_is_still_reported():
+    rng = np.random.default_rng(2)
+    actual = (1000.0 + rng.normal(scale=0.05, size=2000)).astype(np.float32)  # spread 5e-5 of the magnitude
+    predicted = actual + rng.normal(scale=0.01, size=2000).astype(np.float32)
+    metric = RSquared()
+    for start in range(0, 2000, 100):
+        metric.update_state(actual[start : start + 100], predicted[start : start + 100])
+    assert metric.defined()
+    assert float(metric.result()) == pytest.approx(r2_score(actual.astype(np.float64), predicted.astype(np.float64)), abs=1e-3)
+
+
+def test_dvc_metrics_show_and_diff_work_when_r2_is_left_out(tmp_path):
+    """The evaluate stage's file without its r2 key (constant target) against a committed one with it."""
+    metrics_file = tmp_path / "metrics" / "evaluate.json"
+    metrics_file.parent.mkdir()
+    (tmp_path / "dvc.yaml").write_text("metrics:\n  - metrics/evaluate.json\n")
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        run(command, tmp_path)
+    write_json(metrics_file, {"test": {"loss": 0.5, "mae": 1.0, "r2": 0.75}})
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], tmp_path)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "with r2"], tmp_path)
+    metrics = MetricSet("regression", 0, huber_delta=1.0)
+    metrics.update(np.full(8, 3.0), np.arange(8.0), np.ones(8))
+    write_json(metrics_file, {"test": metrics.results()})  # what write_reports writes for a constant target
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], tmp_path).stdout)
+    (workspace,) = shown.values()  # DVC keys the workspace as ""
+    assert set(workspace["data"]["metrics/evaluate.json"]["data"]["test"]) == {"loss", "mae", "rmse", "huber"}
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], tmp_path).stdout)["metrics/evaluate.json"]
+    assert diff["test.r2"] == {"old": 0.75, "new": None}  # DVC shows the key as gone, not as an error
+    assert diff["test.mae"]["new"] == pytest.approx(np.abs(np.arange(8.0) - 3.0).mean())
+    assert "test.r2" in run(["dvc", "metrics", "diff", "--all"], tmp_path).stdout

@@ -2,13 +2,14 @@
 
 import dataclasses
 import difflib
+import re
 import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tapework.params import Params, ParamsError, TrainParams, load_params, parse_params, read_raw, with_overrides
+from tapework.params import Params, ParamsError, TrainParams, load_params, parse_params, parse_yaml, read_raw, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = read_raw(ROOT / "params.yaml")
@@ -20,6 +21,7 @@ BAD_VALUES = {
     "download.retries": [-1, 21, 1.5, "3"],
     "download.backoff_seconds": [-0.1, 61, "x"],
     "download.timeout_seconds": [0.0, 601, True],
+    "download.deadline_seconds": [0.0, -1.0, 86_401, "1h", 1.0],  # 1.0: below timeout_seconds (30)
     "download.csv": ["file.csv", 3],
     "download.csv.path": [7],
     "download.csv.target": ["", 1],
@@ -54,7 +56,7 @@ BAD_VALUES = {
     "train.vit.mlp_dim": [0],
     "train.vit.dropout": [-1.0],
     "train.epochs": [0, -1, 2.5, 100_001],
-    "train.batch_size": [0, -64, "64x"],
+    "train.batch_size": [0, -64, "64x", 2**31, 2**63],
     "train.drop_remainder": ["yes", 1],
     "train.optimizer": ["rmsprop", "adamm"],
     "train.learning_rate": [0.0, -0.001, float("nan"), float("inf"), 11.0],
@@ -82,7 +84,7 @@ BAD_VALUES = {
     "train.checkpoint_every": [0],
     "train.tensorboard": ["off"],
     "train.histogram_every": [-1],
-    "evaluate.batch_size": [0],
+    "evaluate.batch_size": [0, 2**62],
     "download": ["digits"],
     "train": [None and 0 or 5],
     "evaluate": [[]],
@@ -259,3 +261,62 @@ def test_dvc_exp_run_set_changes_one_line_of_params_yaml(tmp_path, override):
     before, after = (ROOT / "params.yaml").read_text().splitlines(), copy.read_text().splitlines()
     changed = [line for line in difflib.unified_diff(before, after, lineterm="", n=0) if line[:1] in "+-" and line[:3] not in ("+++", "---")]
     assert len(changed) == 2, "\n".join(changed)  # one line out, one line in (a list: one line per item)
+
+
+# --- issue 16: reading params.yaml --------------------------------------------------------------
+
+
+def committed_text():
+    return (ROOT / "params.yaml").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (committed_text().replace("# Every number", "# \xe9very number").encode("latin-1"), r"not UTF-8 text \(byte 0xe9 on line 1\)\. Save it as UTF-8"),
+        (b"", r"empty \(no keys at all\)\. Restore it"),
+        (b"# only a comment\n\n", r"empty \(no keys at all\)"),
+        (committed_text().replace("  epochs: 20\n", "  epochs: 20\n  epochs: 5\n").encode(), r"key `epochs` is set twice \(lines \d+ and \d+\); delete one of them"),
+        (committed_text().replace("download:\n", "evaluate:\n  batch_size: 8\ndownload:\n", 1).encode(), r"key `evaluate` is set twice \(lines 5 and \d+\)"),
+        (b"train: [unclosed\n", r"not valid YAML \(expected ',' or '\]', but got '<stream end>' at line 2, column 1\)\. Fix the syntax\."),
+        (b"train:\n\tepochs: 3\n", r"not valid YAML \(found character '\\t' that cannot start any token at line 2, column 1\)"),
+    ],
+    ids=["latin-1", "empty", "comments-only", "duplicate-key", "duplicate-section", "syntax", "tab"],
+)
+def test_unreadable_params_file_is_one_line(tmp_path, content, message):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ParamsError, match=message) as error:
+        load_params(path)
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("text", ["1e-3", "1E-3", "1.0e-3", "+1e-3", "0.001"])
+def test_yaml_1_2_floats_are_numbers(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(committed_text().replace("learning_rate: 0.001", f"learning_rate: {text}"))
+    assert load_params(path).train.learning_rate == 0.001
+
+
+def test_scalars_read_as_dvc_reads_them():
+    """`dvc params diff` reads params.yaml with ruamel.yaml (YAML 1.2): every scalar must come out the same here."""
+    from dvc.utils.serialize import parse_yaml as dvc_parse
+
+    scalars = [
+        "1e-3", "1E3", "1e+3", "-1e3", "1.e3", "1.0e-3", ".5e2", ".5e-2", ".5", "-.5", "1_000", "1.5", "1.", ".inf", "-.inf",
+        ".nan", "1:30", "0x1f", "0o17", "017", "-017", "0b101", "yes", "no", "on", "off", "y", "True", "true", "FALSE", "~",
+        "null", "", "2e", "e3", "123456789012345678901234567890", "9223372036854775808", "2001-12-14", "a b",
+    ]
+    for scalar in scalars:
+        ours, theirs = parse_yaml(f"k: {scalar}")["k"], dvc_parse(f"k: {scalar}", "params.yaml")["k"]
+        same = ours == theirs or (ours != ours and theirs != theirs)  # nan
+        assert same and type(ours) is type(theirs), (scalar, ours, theirs)
+
+
+def test_batch_sizes_beyond_int32_are_refused_before_any_work():
+    for key, value in (("train.batch_size", 2**63), ("evaluate.batch_size", 2**62), ("train.batch_size", 2**31)):
+        with pytest.raises(ParamsError, match=rf"{re.escape(key)} = {value} is invalid: must be >= 1 and <= 2147483647"):
+            parse_params(nested({key: value}))
+    assert parse_params(nested({"train.batch_size": 2**31 - 1})).train.batch_size == 2**31 - 1
+    with pytest.raises(ParamsError, match=r"train\.decay_epochs = 4611686018427387904 is invalid: must be >= 1 and <= 2147483647"):
+        parse_params(nested({"train.decay_epochs": 2**62}))  # every integer key has that ceiling

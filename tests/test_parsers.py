@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import io
 import struct
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +206,68 @@ def test_parse_california_housing_real_file() -> None:
     x, y, names = parse_california_housing(path)
     assert x.shape == (20640, 8) and y.shape == (20640,)
     assert names[-1] == "median_income" and y.min() > 0
+
+
+# --- issue 16: decompression bounds and column names ---------------------------------------------
+
+
+def gzip_bomb(header: bytes, zeros: int) -> bytes:
+    """A gzip stream of `header` then `zeros` zero bytes, compressed chunk by chunk (~1000:1)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    chunk = bytes(1 << 20)
+    parts = [packer.compress(header)]
+    for start in range(0, zeros, len(chunk)):
+        parts.append(packer.compress(chunk[: zeros - start]))
+    return b"".join(parts) + packer.flush()
+
+
+def test_parse_idx_never_inflates_past_what_the_header_describes() -> None:
+    """A 0.2 MB file inflating to 256 MB behind a 60,000-label header: refused after 60,009 inflated bytes."""
+    bomb = gzip_bomb(struct.pack(">HBBI", 0, 8, 1, 60_000), 256 << 20)
+    assert len(bomb) < 300_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"holds more than the 60,008 bytes its IDX header describes; stopped inflating"):
+            parse_idx(bomb, name="train-labels-idx1-ubyte.gz")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak} bytes allocated while refusing the bomb"
+
+
+def test_parse_idx_refuses_a_header_claiming_more_than_the_inflate_limit() -> None:
+    header = struct.pack(">HBBIII", 0, 8, 3, 1_000_000, 1000, 1000)  # a terabyte of images
+    with pytest.raises(DataError, match=r"its IDX header claims 1,000,000,000,016 bytes of data, more than the 2,147,483,648"):
+        parse_idx(gzip.compress(header + bytes(10)))
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (lambda good: good + b"xx", "2 bytes follow the gzip stream's end"),
+        (lambda good: good[:-4] + b"\0\0\0\0", "corrupt gzip stream"),  # wrong length in the trailer
+        (lambda good: good[:-1], "corrupt gzip stream"),
+    ],
+)
+def test_parse_idx_checks_the_whole_gzip_container(data, problem) -> None:
+    good = gzip.compress(idx_bytes(np.zeros(100, np.uint8)))
+    with pytest.raises(DataError, match=problem):
+        parse_idx(data(good))
+
+
+@pytest.mark.parametrize(
+    ("text", "repeated"),
+    [
+        ("y,a,b,y\n1,2,3,1\n0,1,1,0\n", "'y' at columns 1, 4"),  # the target twice: its copy would be a feature
+        ("a,b,a,y\n1,2,3,1\n0,1,1,0\n", "'a' at columns 1, 3"),
+        ('"a",b,a,y\n1,2,3,1\n0,1,1,0\n', "'a' at columns 1, 3"),  # quoting does not make a name different
+    ],
+)
+def test_parse_csv_refuses_repeated_column_names(tmp_path: Path, text: str, repeated: str) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text(text)
+    for source in (path, io.StringIO(text)):
+        with pytest.raises(DataError, match=rf"repeated column name\(s\): {repeated}\. Rename or drop the copies"):
+            parse_csv(source, "y")
+    _, _, names = parse_csv(io.StringIO("a,a.1,y\n1,2,3\n"), "y")  # distinct names that merely look like pandas' renames
+    assert names == ("a", "a.1")

@@ -88,7 +88,7 @@ def test_bad_params_fail_before_any_work_and_touch_nothing(repo_copy):
         result = run(stage_command(stage, repo_copy), repo_copy, check=False)
         assert result.returncode == 2, (stage, result.stderr)
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert lines == ["error: params.yaml: train.batch_size = 0 is invalid: must be >= 1. Fix `train.batch_size` in params.yaml."]
+        assert lines == ["error: params.yaml: train.batch_size = 0 is invalid: must be >= 1 and <= 2147483647. Fix `train.batch_size` in params.yaml."]
     assert not (repo_copy / "data").exists() and not (repo_copy / "models").exists() and not (repo_copy / "metrics").exists()
     assert run(["dvc", "repro"], repo_copy, check=False).returncode != 0
 

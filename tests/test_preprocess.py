@@ -1,6 +1,7 @@
 """Pure helpers of preprocess/batching/optim: splits, statistics, schedules, data order."""
 
 import hashlib
+import json
 import math
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from tapework.batching import epoch_permutation, make_dataset, steps_per_epoch
 from tapework.errors import DataError
+from tapework.io import stable_hash
 from tapework.optim import WarmupSchedule
 from tapework.preprocess import RawDataset, load_prepared, normalization_stats, prepare, split_indices, subsample, write_prepared
 from tests.conftest import make_params
@@ -137,3 +139,96 @@ def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
 def test_schedules_match_hand_computed_rates(kind, step, expected):
     schedule = WarmupSchedule(kind, 0.1, total_steps=110, warmup_steps=10, decay_rate=0.5, decay_steps=10, minimum=0.01)
     assert float(schedule(step)) == pytest.approx(expected, rel=1e-5)
+
+
+# --- issue 16: meta.json carries its own hash; values beyond float32 -------------------------------
+
+
+def edit_meta(folder, change):
+    path = folder / "meta.json"
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+def truncate(folder):
+    path = folder / "meta.json"
+    path.write_bytes(path.read_bytes()[:40])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda meta: meta.update(num_classes=5), "changed after preprocess wrote it"),
+        (lambda meta: meta.update(class_names=meta["class_names"][:2]), "changed after preprocess wrote it"),
+        (lambda meta: meta["sha256"].pop("x_val.npy"), "changed after preprocess wrote it"),
+        (lambda meta: meta.pop("meta_sha256"), "changed after preprocess wrote it"),
+    ],
+    ids=["num_classes", "class_names", "sha256-entry", "self-hash"],
+)
+def test_an_edited_meta_json_is_refused(tmp_path, damage, message):
+    write_prepared(prepare(fake_images(), make_params().preprocess, "fake"), tmp_path / "p")
+    edit_meta(tmp_path / "p", damage)
+    with pytest.raises(DataError, match=rf"meta\.json {message} \(its meta_sha256 does not match\): re-run the preprocess stage"):
+        load_prepared(tmp_path / "p")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda meta: meta.update(num_classes=5), r"class_names holds 3 name\(s\) for num_classes = 5"),
+        (lambda meta: meta.update(class_names=meta["class_names"][:2]), r"class_names holds 2 name\(s\) for num_classes = 3"),
+        (lambda meta: meta["sha256"].pop("x_val.npy"), "sha256 must list exactly"),
+        (lambda meta: meta.update(num_classes=2, class_names=["a", "b"]), r"y_\w+ holds labels 0\.\.2, outside 0\.\.1"),
+        (lambda meta: meta.update(input_shape=[4, 4]), "do not fit input_shape"),
+        (lambda meta: meta.update(task="clustering"), "task is 'clustering'"),
+    ],
+)
+def test_meta_json_is_checked_even_with_a_recomputed_self_hash(tmp_path, damage, message):
+    """Someone who edits meta.json and recomputes meta_sha256 still gets a one-line error, not a crash later."""
+    write_prepared(prepare(fake_images(), make_params().preprocess, "fake"), tmp_path / "p")
+
+    def edit_and_rehash(meta):
+        meta.pop("meta_sha256")
+        damage(meta)
+        meta["meta_sha256"] = stable_hash(meta)
+
+    edit_meta(tmp_path / "p", edit_and_rehash)
+    with pytest.raises(DataError, match=message):
+        load_prepared(tmp_path / "p")
+
+
+def test_a_truncated_meta_json_is_a_data_error(tmp_path):
+    write_prepared(prepare(fake_images(), make_params().preprocess, "fake"), tmp_path / "p")
+    truncate(tmp_path / "p")
+    with pytest.raises(DataError, match=r"meta\.json is not valid JSON \(.*\): re-run the preprocess stage"):
+        load_prepared(tmp_path / "p")
+
+
+def tabular(x, y, task="regression", names=("a", "b")):
+    return RawDataset(np.asarray(x, np.float64), np.asarray(y), None, None, task, ("0", "1") if task == "classification" else (), names, None)
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "message"),
+    [
+        ([[1e39, 0.0]], [1.0], r"column 'a' holds 1e\+39 at data row 1, beyond float32's range"),
+        ([[0.0, -3.5e38]], [1.0], r"column 'b' holds -3\.5e\+38 at data row 1"),
+        ([[0.0, 1.0]], [4e38], r"the target holds 4e\+38 at data row 1"),
+    ],
+)
+def test_values_beyond_float32_are_refused_naming_column_and_row(x, y, message):
+    rows = np.tile(np.asarray([[1.0, 2.0]]), (20, 1))
+    rows[7] = x[0]
+    targets = np.arange(20, dtype=np.float64)
+    targets[7] = y[0]
+    with pytest.raises(DataError, match=message.replace("row 1", "row 8")):
+        prepare(tabular(rows, targets), make_params().preprocess, "fake")
+
+
+def test_a_minmax_range_beyond_float32_is_refused():
+    rows = np.tile(np.asarray([[1.0, 2.0]]), (40, 1))
+    rows[::2, 1] = 3e38
+    rows[1::2, 1] = -3e38  # each value fits float32; their range does not
+    with pytest.raises(DataError, match=r"column 'b' spans more than float32 can hold \(minmax scale overflows\)"):
+        prepare(tabular(rows, np.arange(40.0)), make_params({"preprocess.normalization": "minmax"}).preprocess, "fake")

@@ -2,6 +2,7 @@
 California housing from a mirror folder, the offline regression set, and a user CSV."""
 
 import csv
+import hashlib
 import json
 
 import numpy as np
@@ -81,7 +82,8 @@ def test_user_csv_classification(repo_copy, tmp_path):
         writer = csv.writer(stream)
         writer.writerow(["a", "b", "c", "label"])
         writer.writerows([[*row, label] for row, label in zip(features.round(4), labels)])
-    update_params(repo_copy / "params.yaml", {"download.dataset": "csv", "download.csv.path": str(path), "download.csv.target": "label", "train.epochs": 5})
+    pin = hashlib.sha256(path.read_bytes()).hexdigest()  # local files are pinned too
+    update_params(repo_copy / "params.yaml", {"download.dataset": "csv", "download.csv.path": str(path), "download.csv.sha256": pin, "download.csv.target": "label", "train.epochs": 5})
     run(["dvc", "repro"], repo_copy)
     metrics = json.loads((repo_copy / "metrics/evaluate.json").read_text())["test"]
     assert metrics["accuracy"] > 0.8  # linearly separable classes

@@ -132,6 +132,8 @@ def test_export_stage_refuses_missing_corrupt_or_foreign_model_files(repo_copy):
     weights.write_bytes(weights.read_bytes()[:1000])
     refused("models/model.weights.npz is not a valid array archive")
     (models / "model.json").write_text("{not json")
+    refused("models/model.json is not valid JSON")
+    (models / "model.json").write_text('{"model": "mlp"}')  # JSON, but not a model config
     refused("models does not hold a model this code can rebuild")
     # Prepared data of another data set beside the digits model.
     update_params(repo_copy / "params.yaml", {"download.dataset": "diabetes"})

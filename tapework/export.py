@@ -27,7 +27,7 @@ from tapework.errors import DataError
 from tapework.evaluation import evaluate_model
 from tapework.io import atomic_directory, atomic_write_bytes, write_json
 from tapework.loop import TaskSpec, outputs_in_target_units, task_spec
-from tapework.models import parameter_count
+from tapework.models import parameter_count, trainable_parameter_count
 from tapework.preprocess import Prepared
 from tapework.provenance import package_versions
 from tapework.serving import (
@@ -209,7 +209,7 @@ def export_model(
             "family": config["model"],
             "settings": config["settings"],
             "parameters": parameter_count(model),
-            "trainable_parameters": int(sum(np.prod(variable.shape) for variable in model.trainable_weights)),
+            "trainable_parameters": trainable_parameter_count(model),
         },
         "training": training,
         "test_metrics": test_metrics,

@@ -249,6 +249,10 @@ def parameter_count(model: keras.Model) -> int:
     return int(model.count_params())
 
 
+def trainable_parameter_count(model: keras.Model) -> int:
+    return sum(int(np.prod(variable.shape)) for variable in model.trainable_weights)
+
+
 def layer_summary(model: keras.Model) -> list[str]:
     """One line per top-level layer (name, class, parameters), then the total: what train logs.
 
@@ -257,7 +261,7 @@ def layer_summary(model: keras.Model) -> list[str]:
     """
     rows = [(f"{layer.name} ({type(layer).__name__})", layer.count_params()) for layer in model.layers]
     width = max(len(name) for name, _ in rows)
-    trainable = sum(int(np.prod(variable.shape)) for variable in model.trainable_weights)
+    trainable = trainable_parameter_count(model)
     lines = [f"model {model.name}: layer, parameters"]
     lines += [f"  {name:<{width}}  {count:>12,}" for name, count in rows]
     lines.append(f"  {'total':<{width}}  {parameter_count(model):>12,} ({trainable:,} trainable)")

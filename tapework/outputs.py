@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tapework.errors import TapeworkError
-from tapework.io import atomic_write_text
+from tapework.io import atomic_write_text, clear_stale, temp_pattern
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,13 @@ def recover(stage: str, targets: Sequence[Path]) -> str | None:
         log.warning("%s: finished replacing the outputs an interrupted run had committed (%s)", stage, journal)
     for target in targets:
         staged = staged_path(target)
-        # Also the temp files of atomic writes that a kill left beside a target or its staged copy.
-        partials = [*target.parent.glob(f".{target.name}.*.partial"), *target.parent.glob(f".{staged.name}.*.partial")]
-        for leftover in (staged, _retired_path(target), *partials):
+        for leftover in (staged, _retired_path(target)):
             if leftover.exists() or leftover.is_symlink():
                 _remove(leftover)
+                outcome = outcome or "cleared"
+        # The temp files of atomic writes that a kill left beside a target or its staged copy.
+        for name in (target.name, staged.name):
+            if clear_stale(target.parent, temp_pattern(name, ".partial")):
                 outcome = outcome or "cleared"
     if outcome == "cleared":
         log.info("%s: removed the partial outputs of an interrupted run; the last complete outputs stand", stage)

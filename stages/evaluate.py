@@ -2,11 +2,10 @@
 
 import logging
 
-from tapework.cli import PARAMS_FILE, run_stage, stage_paths
+from tapework.cli import run_stage, stage_params, stage_paths
 from tapework.evaluation import ReportPaths, evaluate_model, write_reports
 from tapework.io import file_digest, write_json
 from tapework.models import WEIGHTS_FILE, load_model
-from tapework.params import load_params
 from tapework.preprocess import load_prepared
 from tapework.provenance import provenance
 
@@ -14,6 +13,7 @@ from tapework.provenance import provenance
 def main() -> None:
     paths = stage_paths(
         "evaluate",
+        seed=True,  # the seed the model was trained with, for the provenance JSON
         prepared="the preprocess stage's folder",
         models="the train stage's model folder",
         history="the train stage's history TSV (for the summary PNG)",
@@ -24,7 +24,7 @@ def main() -> None:
         predictions="output predicted-vs-actual plot CSV",
         summary="output summary PNG",
     )
-    params = load_params(PARAMS_FILE)
+    params = stage_params(paths)
     data = load_prepared(paths.prepared)
     model, _ = load_model(paths.models)
     outcome = evaluate_model(model, data, params.evaluate.batch_size, params.train.huber_delta)

@@ -101,3 +101,11 @@ def test_regression_metrics_average_per_example_not_per_batch():
     assert results["rmse"] == pytest.approx(np.sqrt((1 + 1 + 1 + 9) / 4))
     assert results["huber"] == pytest.approx((0.5 * 3 + 0.5 * 9) / 4)
     assert results["loss"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_catalogue_names_the_metrics_each_task_reports(task):
+    """catalogue.METRICS (params validation, repeats.primary_metric, compare's directions) is what MetricSet reports."""
+    from tapework import catalogue
+
+    assert tuple(MetricSet(task, 3, 0.5).results()) == catalogue.METRICS[task]

@@ -3,13 +3,12 @@
 import dataclasses
 import logging
 
-from tapework.cli import PARAMS_FILE, run_stage, stage_paths
+from tapework.cli import run_stage, stage_params, stage_paths
 from tapework.evaluation import ReportPaths, evaluate_model, write_reports
 from tapework.history import read_history
 from tapework.io import file_digest, write_json
 from tapework.models import WEIGHTS_FILE, load_model
 from tapework.outputs import exclusive, output_set
-from tapework.params import load_params
 from tapework.preprocess import load_prepared
 from tapework.provenance import provenance
 
@@ -17,6 +16,7 @@ from tapework.provenance import provenance
 def main() -> None:
     paths = stage_paths(
         "evaluate",
+        seed=True,  # the seed the model was trained with, for the provenance JSON
         prepared="the preprocess stage's folder",
         models="the train stage's model folder",
         history="the train stage's history TSV (for the summary PNG)",
@@ -27,7 +27,7 @@ def main() -> None:
         predictions="output predicted-vs-actual plot CSV",
         summary="output summary PNG",
     )
-    params = load_params(PARAMS_FILE)
+    params = stage_params(paths)
     reports = ReportPaths(paths.metrics, paths.report, paths.confusion, paths.predictions, paths.summary)
     outputs = [*dataclasses.astuple(reports), paths.provenance]
     with exclusive("evaluate", outputs):

@@ -17,12 +17,25 @@ SCHEDULES = ("constant", "cosine", "exponential", "step")
 NORMALIZATIONS = ("standard", "minmax", "none")
 STRATEGIES = ("none", "mirrored", "multi_worker")
 NONFINITE_POLICIES = ("error", "skip")
-# What early stopping may watch, per task; the first of each is the loss.
-MONITORS = {
-    "classification": ("val_loss", "val_accuracy", "val_huber"),
-    "regression": ("val_loss", "val_mae", "val_rmse", "val_r2", "val_huber"),
+# The metrics a split reports, per task (tapework/metrics.py, MetricSet); the first is the loss.
+METRICS = {
+    "classification": ("loss", "accuracy", "huber"),
+    "regression": ("loss", "mae", "rmse", "r2", "huber"),
 }
-HIGHER_IS_BETTER = frozenset({"val_accuracy", "val_r2"})  # the others are errors: lower is better
+# Computed on the test split only, from the per-class report (tapework/evaluation.py).
+TEST_ONLY_METRICS = {"classification": ("macro_f1",), "regression": ()}
+SPLITS = ("train", "val", "test")
+HIGHER_IS_BETTER_METRICS = frozenset({"accuracy", "r2", "macro_f1"})  # the others are errors: lower is better
+# What early stopping may watch, per task: the validation metrics.
+MONITORS = {task: tuple(f"val_{name}" for name in names) for task, names in METRICS.items()}
+HIGHER_IS_BETTER = frozenset(name for names in MONITORS.values() for name in names if name.removeprefix("val_") in HIGHER_IS_BETTER_METRICS)
+
+
+def split_metrics(task: str) -> tuple[str, ...]:
+    """Every `<split>.<metric>` a run of `task` reports, as `dvc metrics show` names them."""
+    return tuple(
+        f"{split}.{name}" for split in SPLITS for name in METRICS[task] + (TEST_ONLY_METRICS[task] if split == "test" else ())
+    )
 
 # How a data set's raw files become arrays. Each format has one fetch and one load function in
 # tapework/datasets.py (a test checks that every format here has both).

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tapework.errors import EnvironmentSettingError, TapeworkError
-from tapework.params import ParamsError
+from tapework.params import Params, ParamsError, load_params
 
 log = logging.getLogger("tapework")
 
@@ -30,16 +30,27 @@ STORAGE_FIX = "free space or fix the permissions, then rerun; the previous outpu
 PARAMS_FILE = Path("params.yaml")
 
 
-def stage_paths(stage: str, **paths: str) -> argparse.Namespace:
+def stage_paths(stage: str, *, seed: bool = False, **paths: str) -> argparse.Namespace:
     """The stage's input and output paths, from its command line (`--name PATH` each, all required).
 
     dvc.yaml is the one place these paths are written: each stage's `cmd` passes them, and its
     `deps` and `outs` list the same paths (tests/test_dvc_yaml.py checks that they agree).
+    With `seed`, the stage also takes `--seed N`: the per-seed stages of `repeats.extra_seeds`
+    run the same script with their own seed and paths (read the params with `stage_params`).
     """
     parser = argparse.ArgumentParser(prog=f"stages/{stage}.py", description=f"DVC stage `{stage}` (run it with `dvc repro {stage}`).")
     for name, help_text in paths.items():
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, metavar="PATH", help=help_text)
+    if seed:
+        parser.add_argument("--seed", type=int, default=None, metavar="N", help="run with train.seed = N (a seed of repeats.extra_seeds); default: train.seed")
     return parser.parse_args()
+
+
+def stage_params(arguments: argparse.Namespace) -> Params:
+    """params.yaml, validated whole, with train.seed replaced by the stage's `--seed` when it has one."""
+    params = load_params(PARAMS_FILE)
+    seed = getattr(arguments, "seed", None)
+    return params if seed is None else params.with_seed(seed)
 
 
 def configure_logging() -> None:

@@ -160,15 +160,42 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class PrimaryMetricParams:
+    classification: str = _spec(choices=catalogue.split_metrics("classification"))
+    regression: str = _spec(choices=catalogue.split_metrics("regression"))
+
+
+@dataclass(frozen=True)
+class RepeatsParams:
+    extra_seeds: tuple[int, ...] = _spec(each_min=0, each_max=2**31 - 1, distinct=True, help="seeds run beside train.seed")
+    primary_metric: PrimaryMetricParams = _spec()
+
+
+@dataclass(frozen=True)
 class Params:
     download: DownloadParams = _spec()
     preprocess: PreprocessParams = _spec()
     train: TrainParams = _spec()
     evaluate: EvaluateParams = _spec()
+    repeats: RepeatsParams = _spec()
 
     def task(self) -> str:
         """`classification` or `regression` for the configured data set."""
         return catalogue.dataset_task(self.download.dataset, self.download.csv.task)
+
+    def seeds(self) -> tuple[int, ...]:
+        """Every seed of this configuration, ascending: train.seed and repeats.extra_seeds."""
+        return tuple(sorted((self.train.seed, *self.repeats.extra_seeds)))
+
+    def primary_metric(self) -> str:
+        """The metric `python -m tapework.compare` gives its verdict on, for this data set's task."""
+        return getattr(self.repeats.primary_metric, self.task())
+
+    def with_seed(self, seed: int) -> Params:
+        """These params with train.seed = `seed`: one run of repeats.extra_seeds (its stages pass `--seed`)."""
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**31 - 1:
+            raise ParamsError(f"--seed {seed!r} is invalid: a seed is an integer from 0 to {2**31 - 1}, like train.seed in params.yaml.")
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, seed=seed))
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
@@ -248,8 +275,11 @@ def _check_value(key: str, value: Any, annotation: Any, rules: dict[str, Any]) -
             _fail(key, value, "expected a list of integers, e.g. [128, 64]")
         if rules.get("nonempty") and not value:
             _fail(key, value, "must hold at least one entry")
-        item_rules = {"min": rules.get("each_min")}
-        return tuple(_check_number(f"{key}[{index}]", item, int, item_rules) for index, item in enumerate(value))
+        item_rules = {"min": rules.get("each_min"), "max": rules.get("each_max")}
+        items = tuple(_check_number(f"{key}[{index}]", item, int, item_rules) for index, item in enumerate(value))
+        if rules.get("distinct") and len(set(items)) != len(items):
+            _fail(key, list(value), "each entry must appear once")
+        return items
     if dataclasses.is_dataclass(annotation):
         return build_section(annotation, value, key)
     raise TypeError(f"unsupported params annotation {annotation!r} for {key}")  # a bug here, not a user error
@@ -323,6 +353,8 @@ def _cross_check(params: Params) -> None:
         _fail("train.mixed_precision", train.mixed_precision, "loss scaling is not replica-safe in Keras 3 (LossScaleOptimizer judges overflow from the first replica's gradients only); set false with train.distribute")
     if params.download.deadline_seconds < params.download.timeout_seconds:
         _fail("download.deadline_seconds", params.download.deadline_seconds, f"must be at least download.timeout_seconds = {params.download.timeout_seconds}")
+    if train.seed in params.repeats.extra_seeds:
+        _fail("repeats.extra_seeds", list(params.repeats.extra_seeds), f"must not hold train.seed = {train.seed}: that run is always one of the repeats")
     if params.preprocess.max_train_examples and params.preprocess.max_train_examples < 2:
         _fail("preprocess.max_train_examples", params.preprocess.max_train_examples, "must be 0 (all) or at least 2")
 

@@ -19,11 +19,13 @@ from tools.repro_gate.compare import flatten, lock_outs
 from tests.conftest import run, tool_env, update_params
 from tests.test_tensorboard import run_folders
 
-METRICS_FILES = {"metrics/train.json", "metrics/evaluate.json"}
+METRICS_FILES = {"metrics/train.json", "metrics/evaluate.json", "metrics/repeats.json"}
 METRIC_KEYS = {
     "metrics/train.json": {"best_epoch", "epochs_run", "parameters", "stopped_early", "train.accuracy", "train.huber", "train.loss", "val.accuracy", "val.huber", "val.loss"},
     "metrics/evaluate.json": {"test.accuracy", "test.huber", "test.loss", "test.macro_f1"},
 }
+# The aggregate over the seeds' runs: one run by default, which has no spread: the count only.
+METRIC_KEYS["metrics/repeats.json"] = {"seeds"}
 # Keys that only the provenance JSONs hold: they are plain outs and must never become metrics columns.
 PROVENANCE_KEYS = ("cpu", "packages", "data_sha256", "model_sha256", "params_sha256", "params_section", "dataset", "seed")
 
@@ -184,6 +186,8 @@ def test_queue_with_two_workers_finishes_both_experiments_intact(repo_copy):
         assert {name: logged.get(name) for name in rates} == {name: [1, 2, 3] for name in rates}, logged
         for file_name, keys in METRIC_KEYS.items():
             for key in keys - {"best_epoch", "epochs_run", "parameters", "stopped_early"}:
+                if key == "seeds":
+                    continue  # the aggregate's count of runs
                 assert first[file_name][key] != second[file_name][key], f"{file_name} {key} equal in both experiments"
     finally:
         stop_queue(repo_copy)
@@ -199,7 +203,7 @@ def test_second_repro_while_one_runs_gets_the_lock_error_and_the_first_completes
         first = subprocess.Popen(["dvc", "repro"], cwd=repo_copy, env=tool_env(), stdout=out, stderr=err, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while not (repo_copy / "checkpoints" / "ckpt-1.index").exists():  # the train stage has begun
+        while not list(repo_copy.glob("checkpoints/*/ckpt-1.index")):  # the train stage has begun (one folder per run)
             assert first.poll() is None, f"first repro ended early:\n{(tmp_path / 'first.err').read_text()[-3000:]}"
             assert time.monotonic() < deadline, "train never wrote its first checkpoint"
             time.sleep(0.1)

@@ -171,3 +171,15 @@ def test_dvc_metrics_show_and_diff_work_when_r2_is_left_out(tmp_path):
     assert diff["test.r2"] == {"old": 0.75, "new": None}  # DVC shows the key as gone, not as an error
     assert diff["test.mae"]["new"] == pytest.approx(np.abs(np.arange(8.0) - 3.0).mean())
     assert "test.r2" in run(["dvc", "metrics", "diff", "--all"], tmp_path).stdout
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_catalogue_names_the_metrics_each_task_reports(task):
+    """catalogue.METRICS (params validation, repeats.primary_metric, compare's directions) is what MetricSet reports."""
+    from tapework import catalogue
+
+    metrics = MetricSet(task, 3, 0.5)
+    labels = np.array([0, 2, 1]) if task == "classification" else np.array([1.0, 2.0, 4.0])  # a varying target: R² is defined
+    outputs = np.eye(3, dtype="float32")[[0, 1, 1]] if task == "classification" else np.array([1.5, 2.0, 3.0], "float32")
+    metrics.update(labels, outputs, np.ones(3, "float32"))
+    assert tuple(metrics.results()) == catalogue.METRICS[task]

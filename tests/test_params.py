@@ -85,9 +85,14 @@ BAD_VALUES = {
     "train.tensorboard": ["off"],
     "train.histogram_every": [-1],
     "evaluate.batch_size": [0, 2**62],
+    "repeats.extra_seeds": [[-1], [7, 7], [2**31], ["7"], [1.5], "7,8", {"a": 7}],
+    "repeats.primary_metric": ["test.accuracy"],
+    "repeats.primary_metric.classification": ["test.rmse", "accuracy", "test.macro_f1x", "val.macro_f1", 3],
+    "repeats.primary_metric.regression": ["test.accuracy", "test.macro_f1", ""],
     "download": ["digits"],
     "train": [None and 0 or 5],
     "evaluate": [[]],
+    "repeats": [[7, 8]],
 }
 
 # Cross-key rules: (changes, key named in the error)
@@ -107,6 +112,8 @@ BAD_COMBINATIONS = [
     ({"train.distribute": "mirrored", "train.clip_norm": 1.0}, "train.clip_norm"),
     ({"train.distribute": "multi_worker", "train.mixed_precision": True}, "train.mixed_precision"),
     ({"train.model": "cnn", "train.jit_compile": True}, "train.jit_compile"),
+    ({"train.seed": 7, "repeats.extra_seeds": [3, 7]}, "repeats.extra_seeds"),  # the train.seed run is always one of the repeats
+    ({"train.seed": 7, "repeats.extra_seeds": [3, 42]}, None),
     ({"download.dataset": "digits", "train.model": "cnn", "train.cnn.filters": [8, 8, 8, 8, 8]}, None),
     # Every model family serves both tasks where its input kind fits the data.
     ({"download.dataset": "diabetes", "train.model": "residual_mlp", "train.early_stopping.monitor": "val_loss"}, None),
@@ -240,7 +247,7 @@ def test_params_classes_carry_no_defaults():
         seen.append(cls)
         assert all(field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING for field in dataclasses.fields(cls)), cls
         pending.extend(hint for hint in typing.get_type_hints(cls).values() if dataclasses.is_dataclass(hint))
-    assert len(seen) == 11  # Params, its four sections, csv, early_stopping and the four model sections
+    assert len(seen) == 13  # Params, its five sections, csv, early_stopping, the four model sections and primary_metric
 
 
 def test_overrides_apply_dotted_keys_to_a_copy():
@@ -320,3 +327,22 @@ def test_batch_sizes_beyond_int32_are_refused_before_any_work():
     assert parse_params(nested({"train.batch_size": 2**31 - 1})).train.batch_size == 2**31 - 1
     with pytest.raises(ParamsError, match=r"train\.decay_epochs = 4611686018427387904 is invalid: must be >= 1 and <= 2147483647"):
         parse_params(nested({"train.decay_epochs": 2**62}))  # every integer key has that ceiling
+
+
+def test_seeds_and_primary_metric_follow_the_task():
+    params = parse_params(nested({"repeats.extra_seeds": [8, 7]}))
+    assert params.seeds() == (7, 8, 42) and params.repeats.extra_seeds == (8, 7)
+    assert params.primary_metric() == COMMITTED["repeats"]["primary_metric"]["classification"]
+    regression = parse_params(nested({"download.dataset": "diabetes"}))
+    assert regression.primary_metric() == COMMITTED["repeats"]["primary_metric"]["regression"]
+    assert parse_params(nested({})).seeds() == (COMMITTED["train"]["seed"],)  # the committed default: one run
+
+
+def test_with_seed_replaces_only_the_train_seed():
+    params = parse_params(nested({"repeats.extra_seeds": [7, 8]}))
+    seeded = params.with_seed(7)
+    assert seeded.train.seed == 7 and dataclasses.replace(seeded.train, seed=params.train.seed) == params.train
+    assert seeded.repeats == params.repeats and seeded.evaluate == params.evaluate
+    for bad in (-1, 2**31, True, 1.5):
+        with pytest.raises(ParamsError, match="--seed"):
+            params.with_seed(bad)

@@ -97,11 +97,11 @@ def _start_train(repo: Path) -> subprocess.Popen:
     return subprocess.Popen(stage_command("train", repo), cwd=repo, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_for(repo: Path, pattern: str, process: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, f"train ended before {path} appeared: {process.communicate()}"
-        assert time.monotonic() < deadline, f"{path} never appeared"
+    while not list(repo.glob(pattern)):
+        assert process.poll() is None, f"train ended before {pattern} appeared: {process.communicate()}"
+        assert time.monotonic() < deadline, f"{pattern} never appeared"
         time.sleep(0.01)
 
 
@@ -116,7 +116,7 @@ def test_killed_train_resumes_to_bitwise_identical_result(repo_copy, kill):
         subprocess.run(["rm", "-rf", str(repo_copy / name)], check=True)
 
     process = _start_train(repo_copy)
-    _wait_for(repo_copy / "checkpoints" / "ckpt-3.index", process)
+    _wait_for(repo_copy, "checkpoints/*/ckpt-3.index", process)  # the run's own folder under checkpoints/
     process.send_signal(kill)
     _, stderr = process.communicate(timeout=120)
     if kill == signal.SIGKILL:

@@ -119,10 +119,24 @@ def test_the_committed_lock_covers_every_output_declared_in_dvc_yaml():
     dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     declared = set()
     for stage in dvc_yaml["stages"].values():
+        if "matrix" in stage:
+            continue  # one stage per seed of repeats.extra_seeds: none in the committed default run
         for kind in ("outs", "metrics", "plots"):
             declared |= {entry if isinstance(entry, str) else next(iter(entry)) for entry in stage.get(kind, [])}
     assert set(lock_outs(yaml.safe_load((ROOT / "dvc.lock").read_text()))) == declared
-    assert set(metrics_files(dvc_yaml)) == {"metrics/train.json", "metrics/evaluate.json"}
+    assert set(metrics_files(dvc_yaml)) == {"metrics/train.json", "metrics/evaluate.json", "metrics/repeats.json"}
+
+
+def test_a_dep_folder_holding_other_stages_outputs_counts_as_produced():
+    # The aggregate stage depends on `runs`, the folder of every extra seed's outputs.
+    lock = make_lock()
+    lock["stages"]["train"]["outs"].append(out("runs/seed-7/train.json", "6" * 32))
+    lock["stages"]["aggregate"] = {"cmd": "python -m stages.aggregate", "deps": [out("runs", "7" * 32 + ".dir"), out("stages/aggregate.py", "8" * 32)], "outs": []}
+    inputs = lock_inputs(lock)
+    assert "stages/aggregate.py (aggregate)" in inputs and "runs (aggregate)" not in inputs
+    status = {"aggregate": [{"changed deps": {"runs": "modified"}}], "train_seed@7": [{"changed outs": {"runs/seed-7/train.json": "not in cache"}}]}
+    assert status_rows(status) == []
+    assert [row.name for row in status_rows({"aggregate": [{"changed deps": {"runsx": "modified"}}]})] == ["runsx (aggregate)"]
 
 
 def test_changed_output_hash_is_drift_in_exact_mode_only():
@@ -359,7 +373,7 @@ def test_gate_end_to_end_reproduced_then_tampered_then_broken(repo_copy, tmp_pat
     assert good.returncode == 0, good.stdout + good.stderr
     assert "mode: exact" in good.stdout and "REPRODUCED" in good.stdout
     ran = re.search(r"dvc repro --force ran (.+) in [0-9.]+ s", good.stdout).group(1).split(", ")
-    assert sorted(ran) == sorted(yaml.safe_load((repo_copy / "dvc.yaml").read_text())["stages"])  # every stage, even with its git-tracked outputs unchanged
+    assert sorted(ran) == sorted(name for name, stage in yaml.safe_load((repo_copy / "dvc.yaml").read_text())["stages"].items() if "matrix" not in stage)  # every stage (no per-seed stage: extra_seeds is []), even with its git-tracked outputs unchanged
     assert "metrics/evaluate.json: test.accuracy" in good.stdout and "models" in good.stdout
 
     metrics_path = repo_copy / "metrics/evaluate.json"

@@ -113,13 +113,19 @@ def lock_inputs(lock: Mapping[str, Any]) -> dict[str, str]:
     inputs: dict[str, str] = {}
     for stage_name, stage in stages.items():
         for dep in stage.get("deps", []) or []:
-            if dep["path"] not in produced:
+            if not is_produced(dep["path"], produced):
                 inputs[f"{dep['path']} ({stage_name})"] = _entry_hash(dep)
         for params_file, values in (stage.get("params") or {}).items():
             for key, value in (values or {}).items():
                 inputs[f"{params_file}:{key} ({stage_name})"] = json.dumps(value, sort_keys=True)
     inputs.update({f"cmd ({name})": str(stage.get("cmd")) for name, stage in stages.items()})
     return inputs
+
+
+def is_produced(dep: str, outs: Collection[str]) -> bool:
+    """Whether a dep is, or is a folder holding, another stage's output (the aggregate stage's
+    `runs`, which holds every extra seed's outputs): then its hash follows those outputs."""
+    return any(out == dep or out.startswith(f"{dep}/") for out in outs)
 
 
 def _entry_hash(entry: Mapping[str, Any]) -> str:
@@ -184,7 +190,7 @@ def status_rows(status: Mapping[str, Any], produced: Collection[str] = ()) -> li
                 continue
             text = "missing in the commit (dvc.lock lists it)" if state == "deleted" else "committed file does not match dvc.lock"
             rows.append(Row("committed", name, "dvc.lock", state, text, True))
-        elif (kind == "dep" and name in produced) or (kind == "stage" and state == ALWAYS_CHANGED):
+        elif (kind == "dep" and is_produced(name, produced)) or (kind == "stage" and state == ALWAYS_CHANGED):
             continue
         else:
             label = "cmd" if name == CHANGED_COMMAND else name

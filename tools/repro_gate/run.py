@@ -154,7 +154,12 @@ def run_gate(repo: Path, requested_mode: str = "auto", keep: bool = False, timeo
             print(tail(result.stderr or result.stdout), file=out)
             return EXIT_ERROR
         print(f"gate: dvc repro --force ran {', '.join(ran) or 'no stages'} in {time.monotonic() - repro_start:.1f} s", file=out)
-        skipped = [name for name in (dvc_yaml.get("stages") or {}) if name not in ran]
+        # DVC's names, with one `stage@item` per entry of a `matrix:` stage (none for an empty list).
+        listed = _run([dvc, "stage", "list", "--name-only"], clone, env, timeout=300)
+        if listed.returncode != 0:
+            raise GateError(f"dvc stage list failed ({listed.returncode}):\n{tail(listed.stderr)}")
+        stage_names = listed.stdout.split()
+        skipped = [name for name in stage_names if name not in ran]
         if skipped:
             raise GateError(f"dvc repro --force did not run stage(s) {', '.join(skipped)} (frozen?): their outputs cannot be checked")
 

@@ -4,6 +4,7 @@ import contextlib
 import logging
 import signal
 
+from tapework.checkpoints import claim_run_folder
 from tapework.cli import run_stage, stage_params, stage_paths
 from tapework.history import write_history
 from tapework.io import write_json
@@ -44,7 +45,10 @@ def main() -> None:
     with exclusive("train", outputs) if chief else contextlib.nullcontext():
         data = load_prepared(paths.prepared)
         log_dir = run_log_dir(paths.logs, run_id(params.train, data.meta, repeat=paths.seed is not None)) if params.train.tensorboard else None
-        result = train(params.train, data, checkpoint_dir=run_checkpoint_dir(paths.checkpoints, params.train, data.meta), log_dir=log_dir)
+        checkpoint_dir = run_checkpoint_dir(paths.checkpoints, params.train, data.meta)
+        # The chief holds its run's folder while it trains, and first removes other runs' folders by params.yaml `checkpoints:`.
+        with claim_run_folder(checkpoint_dir, params.checkpoints) if chief else contextlib.nullcontext():
+            result = train(params.train, data, checkpoint_dir=checkpoint_dir, log_dir=log_dir)
         if not chief:
             return
         for line in layer_summary(result.model):

@@ -28,7 +28,7 @@ except ImportError:  # Windows: no flock, so no leftover is ever judged stale (t
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-def _try_lock(fd: int, *, wait: bool) -> bool:
+def try_lock(fd: int, *, wait: bool) -> bool:
     """An exclusive flock on `fd`; False when another open file holds it (without `wait`) or locks are unsupported."""
     if fcntl is None:
         return False
@@ -41,7 +41,7 @@ def _try_lock(fd: int, *, wait: bool) -> bool:
     return True
 
 
-def _still_at(path: Path, fd: int) -> bool:
+def still_at(path: Path, fd: int) -> bool:
     """Whether `path` still names the file or folder open as `fd` (not removed or replaced meanwhile)."""
     try:
         return os.lstat(path).st_ino == os.fstat(fd).st_ino
@@ -63,9 +63,9 @@ def held_temp(parent: Path, prefix: str, suffix: str, *, directory: bool = False
         else:
             fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=parent)
             path = Path(name)
-        _try_lock(fd, wait=True)
+        try_lock(fd, wait=True)
         # A clear_stale between mkstemp and the lock may have removed it as unlocked: then make another.
-        if _still_at(path, fd):
+        if still_at(path, fd):
             break
         os.close(fd)
     try:
@@ -83,7 +83,7 @@ def clear_stale(parent: Path, pattern: str) -> list[Path]:
         except OSError:  # gone meanwhile, a symlink, or unreadable: not ours to judge
             continue
         try:
-            if not _try_lock(fd, wait=False) or not _still_at(path, fd):
+            if not try_lock(fd, wait=False) or not still_at(path, fd):
                 continue
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)

@@ -172,12 +172,21 @@ class RepeatsParams:
 
 
 @dataclass(frozen=True)
+class CheckpointsParams:
+    """Retention of the per-run checkpoint folders (tapework/checkpoints.py); never part of a run's identity."""
+
+    keep_runs: int = _spec(min=0, help="other runs' folders kept, most recently written first; 0 = no count limit")
+    keep_days: float = _spec(min=0.0, max=36_500.0, help="a folder not written for longer is removed; 0 = no age limit")
+
+
+@dataclass(frozen=True)
 class Params:
     download: DownloadParams = _spec()
     preprocess: PreprocessParams = _spec()
     train: TrainParams = _spec()
     evaluate: EvaluateParams = _spec()
     repeats: RepeatsParams = _spec()
+    checkpoints: CheckpointsParams = _spec()
 
     def task(self) -> str:
         """`classification` or `regression` for the configured data set."""

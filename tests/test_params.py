@@ -89,6 +89,9 @@ BAD_VALUES = {
     "repeats.primary_metric": ["test.accuracy"],
     "repeats.primary_metric.classification": ["test.rmse", "accuracy", "test.macro_f1x", "val.macro_f1", 3],
     "repeats.primary_metric.regression": ["test.accuracy", "test.macro_f1", ""],
+    "checkpoints.keep_runs": [-1, 1.5, "16", True, 2**31],
+    "checkpoints.keep_days": [-1.0, -0.5, 36_501, "30d", float("nan"), float("inf"), False],
+    "checkpoints": [16, "30 days"],
     "download": ["digits"],
     "train": [None and 0 or 5],
     "evaluate": [[]],
@@ -247,7 +250,7 @@ def test_params_classes_carry_no_defaults():
         seen.append(cls)
         assert all(field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING for field in dataclasses.fields(cls)), cls
         pending.extend(hint for hint in typing.get_type_hints(cls).values() if dataclasses.is_dataclass(hint))
-    assert len(seen) == 13  # Params, its five sections, csv, early_stopping, the four model sections and primary_metric
+    assert len(seen) == 14  # Params, its six sections, csv, early_stopping, the four model sections and primary_metric
 
 
 def test_overrides_apply_dotted_keys_to_a_copy():

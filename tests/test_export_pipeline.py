@@ -47,9 +47,12 @@ def commit(repo: Path, message: str) -> None:
 
 
 def cached_outputs(repo: Path) -> list[str]:
-    """Every output dvc.yaml declares without `cache: false`: what `dvc push` sends to the remote."""
+    """Every output dvc.yaml declares without `cache: false`: what `dvc push` sends to the remote.
+    Per-seed (matrix) stages are left out: with repeats.extra_seeds at [] they are no stage at all."""
     paths = []
     for stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values():
+        if "matrix" in stage:
+            continue
         for kind in ("outs", "metrics", "plots"):
             for entry in stage.get(kind) or []:
                 path, options = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))

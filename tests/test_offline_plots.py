@@ -36,9 +36,9 @@ REQUIRE_BROWSER = "TAPEWORK_REQUIRE_BROWSER"
 # Everything but file:// goes to a proxy on the discard port, loopback included, and no host name resolves.
 NETWORK_OFF = ("--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>", "--host-resolver-rules=MAP * ~NOTFOUND")
 # Plots that have no data for a task: the page leaves them out and names them in one line.
-NOT_DRAWN = {"classification": {"predicted_vs_actual"}, "regression": {"accuracy", "confusion"}}
+NOT_DRAWN = {"classification": {"predicted_vs_actual"}, "regression": {"accuracy", "accuracy_spread", "confusion"}}
 TASK_PARAMS = {
-    "classification": TINY_PARAMS,
+    "classification": {**TINY_PARAMS, "repeats.extra_seeds": [7]},  # two seeds: the spread charts draw a band of some width
     "regression": {**TINY_PARAMS, "download.dataset": "diabetes", "train.epochs": 5, "train.learning_rate": 0.01},
 }
 
@@ -314,6 +314,11 @@ def check_drew(chart: Chart, name: str, props: dict, repo: Path, epochs: int) ->
         cells = [item for item in chart.marks.get("mark-rect", []) if item.get("d")]
         # DVC's template draws the whole actual x predicted grid (zero cells too), then a count per cell.
         assert len(cells) >= len(actual) * len(predicted) > 0 and len(chart.marks.get("mark-text", [])) == len(actual) * len(predicted), name
+    elif props["template"] == "band":
+        # The mean over seeds through every epoch, and a min-max band under it, for each of train and validation.
+        lines = [item["d"] for item in chart.marks.get("mark-line", []) if item.get("d")]
+        bands = [item["d"] for item in chart.marks.get("mark-area", []) if item.get("d")]
+        assert len(lines) == len(bands) == len(next(iter(props["y"].values()))) and all(vertices(line) == epochs for line in lines), (name, lines, bands)
     else:
         raise AssertionError(f"{name}: no check for template {props['template']}")
 

@@ -116,7 +116,7 @@ def test_default_has_no_seed_stages_and_adding_a_seed_runs_only_it(repo_copy):
     by_seed = json.loads((repo_copy / "metrics/repeats_by_seed.json").read_text())["seeds"]
     assert [entry["seed"] for entry in by_seed] == [42]
     assert by_seed[0]["metrics"]["test"] == json.loads((repo_copy / "metrics/evaluate.json").read_text())["test"]
-    assert run(["dvc", "stage", "list", "--name-only"], repo_copy).stdout.split() == ["check_params", "download", "preprocess", "train", "evaluate", "aggregate"]
+    assert run(["dvc", "stage", "list", "--name-only"], repo_copy).stdout.split() == ["check_params", "download", "preprocess", "train", "evaluate", "export", "aggregate"]
 
     update_params(repo_copy / "params.yaml", {"repeats.extra_seeds": [7]})
     one = run(["dvc", "repro"], repo_copy)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -71,3 +72,20 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def repo_copy(tmp_path: Path) -> Path:
     """A throwaway copy of the repo (see copy_project) with tiny params."""
     return copy_project(tmp_path / "repo", TINY_PARAMS)
+
+
+@pytest.fixture(scope="session")
+def tiny_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repo copy with tiny params after one full `dvc repro`, made once per test process (each
+    pytest-xdist worker): never use it directly, take a copy with `tiny_trained`."""
+    repo = copy_project(tmp_path_factory.mktemp("tiny-results") / "repo", TINY_PARAMS)
+    run(["dvc", "repro"], repo, TAPEWORK_CACHE=str(repo.parent / "cache"))
+    return repo
+
+
+@pytest.fixture
+def tiny_trained(tiny_results: Path, tmp_path: Path) -> Path:
+    """A throwaway copy of `tiny_results`: every stage's outputs exist, uncommitted, and `dvc status` is clean."""
+    target = tmp_path / "repo"
+    shutil.copytree(tiny_results, target, symlinks=True)
+    return target

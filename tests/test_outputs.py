@@ -140,9 +140,8 @@ def test_a_second_writer_is_refused_until_the_first_dies(tmp_path: Path) -> None
 
 
 @pytest.fixture
-def trained(repo_copy: Path) -> Path:
-    run(["dvc", "repro"], repo_copy)
-    return repo_copy
+def trained(tiny_trained: Path) -> Path:
+    return tiny_trained
 
 
 @pytest.mark.slow

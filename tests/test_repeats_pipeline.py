@@ -36,23 +36,32 @@ def checkpoint_folders(repo: Path, epoch: int) -> set[Path]:
     return {path.parent for path in repo.glob(f"checkpoints/*/ckpt-{epoch}.index")}
 
 
+def latest_epochs(repo: Path) -> dict[Path, int]:
+    """Each checkpoint folder's newest saved epoch (CheckpointStore numbers checkpoints by epoch)."""
+    latest: dict[Path, int] = {}
+    for index in repo.glob("checkpoints/*/ckpt-*.index"):
+        epoch = int(index.name.removeprefix("ckpt-").removesuffix(".index"))
+        latest[index.parent] = max(epoch, latest.get(index.parent, 0))
+    return latest
+
+
 def kill_during_a_seed(repo: Path, log: Path, epochs: int) -> str:
     """Start `dvc repro`; once one extra seed's train stage is done and another has saved a few
     epochs, SIGKILL the whole process group. Returns the interrupted stage."""
     with open(log, "w") as stream:
         process = subprocess.Popen(["dvc", "repro"], cwd=repo, env=tool_env(), stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline, watched, seen = time.monotonic() + 480, None, set()
+        deadline, watched = time.monotonic() + 480, None
         while True:
             assert process.poll() is None, f"dvc repro ended before it could be interrupted:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "no extra seed was interrupted in time"
             done = lock_stages(repo)
             current = (running(log) or [""])[-1]
             if current.startswith("train_seed@") and current not in done and done & {f"train_seed@{seed}" for seed in EXTRA}:
-                if watched != current:
-                    watched, seen = current, checkpoint_folders(repo, 1)
-                started = checkpoint_folders(repo, 3) - seen  # the interrupted seed's own folder, 3 epochs in
-                if started and not checkpoint_folders(repo, epochs) & started:
+                watched = current
+                # A folder mid-way (at least 3 epochs saved, well short of the last): the running seed's own.
+                # A range, not one epoch: an epoch of tiny data takes ~0.1 s, shorter than a poll on a busy machine.
+                if any(3 <= epoch <= epochs - 10 for epoch in latest_epochs(repo).values()):
                     break
             time.sleep(0.02)
     finally:

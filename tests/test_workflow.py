@@ -3,11 +3,12 @@ clears any stage's outputs, and a valid change still reruns only what reads it."
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_PARAMS, copy_project, run, update_params
+from tests.conftest import run, update_params
 
 RESULT_FOLDERS = ("data", "models", "metrics", "plots")
 
@@ -23,10 +24,10 @@ def snapshot(repo: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def produced(tmp_path_factory) -> Path:
+def produced(tiny_results, tmp_path_factory) -> Path:
     """A tiny repo copy after one full `dvc repro`, its results committed."""
-    repo = copy_project(tmp_path_factory.mktemp("workflow") / "repo", TINY_PARAMS)
-    run(["dvc", "repro"], repo)
+    repo = tmp_path_factory.mktemp("workflow") / "repo"
+    shutil.copytree(tiny_results, repo, symlinks=True)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], repo)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "results"], repo)
     return repo

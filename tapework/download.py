@@ -14,9 +14,11 @@ import hashlib
 import http.client
 import logging
 import os
+import socket
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -216,7 +218,7 @@ class _Limits:
 
 
 def _fetch_once(url: str, scheme: str, dest: Path, sha256: str, limits: _Limits, progress: bool) -> None:
-    with atomic_path(dest) as temp, _open(url, scheme, limits.timeout) as (stream, length):
+    with atomic_path(dest) as temp, _open(url, scheme, limits) as (stream, length):
         if limits.size is not None and length is not None and length != limits.size:
             what = "is" if scheme in ("", "file") else "has a Content-Length of"
             raise DownloadError(
@@ -236,8 +238,74 @@ def _fetch_once(url: str, scheme: str, dest: Path, sha256: str, limits: _Limits,
             )
 
 
+class _Watchdog:
+    """Shuts the attempt's sockets down when the deadline passes.
+
+    urlopen reads the status line and the headers itself, where only the per-read timeout
+    applies: a server sending them one byte at a time would otherwise run past
+    download.deadline_seconds. A shut-down socket makes the blocked read return at once.
+    """
+
+    def __init__(self, deadline: float) -> None:
+        self.sockets: list[socket.socket] = []
+        self.fired = threading.Event()
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(deadline - time.monotonic(), 0.0), self._fire)
+        self._timer.daemon = True
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """urllib's default opener, with connections that report their socket to this watchdog."""
+        watchdog = self
+
+        class Connection(http.client.HTTPConnection):
+            def connect(self) -> None:
+                super().connect()
+                watchdog.watch(self.sock)
+
+        class SecureConnection(http.client.HTTPSConnection):
+            def connect(self) -> None:
+                super().connect()
+                watchdog.watch(self.sock)
+
+        class Handler(urllib.request.HTTPHandler):
+            def http_open(self, request: urllib.request.Request) -> http.client.HTTPResponse:
+                return self.do_open(Connection, request)
+
+        class SecureHandler(urllib.request.HTTPSHandler):
+            def https_open(self, request: urllib.request.Request) -> http.client.HTTPResponse:
+                return self.do_open(SecureConnection, request, context=self._context)
+
+        return urllib.request.build_opener(Handler, SecureHandler)
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self.sockets.append(sock)
+            fired = self.fired.is_set()
+        if fired:
+            self._shut(sock)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired.set()
+            sockets = list(self.sockets)
+        for sock in sockets:
+            self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # already closed by its connection: nothing left to stop
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+
 @contextlib.contextmanager
-def _open(url: str, scheme: str, timeout: float) -> Iterator[tuple[BinaryIO, int | None]]:
+def _open(url: str, scheme: str, limits: _Limits) -> Iterator[tuple[BinaryIO, int | None]]:
     """Yield (byte stream, promised length or None); raise _Transient for retryable failures."""
     if not scheme or scheme == "file":
         path = local_path(url, scheme)
@@ -251,8 +319,20 @@ def _open(url: str, scheme: str, timeout: float) -> Iterator[tuple[BinaryIO, int
             yield stream, os.fstat(stream.fileno()).st_size
         return
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    with _Watchdog(limits.deadline) as watchdog:
+        response = _request(watchdog, request, url, limits)
+        if watchdog.fired.is_set():  # http.client takes a cut-off header block for a complete one
+            response.close()
+            raise limits.overdue(url, "the response headers had not all arrived")
+        with response:
+            length = response.headers.get("Content-Length", "")
+            yield response, int(length) if length.isdigit() else None
+
+
+def _request(watchdog: _Watchdog, request: urllib.request.Request, url: str, limits: _Limits) -> http.client.HTTPResponse:
+    """The response once its headers are in; the errors of urlopen as DownloadError (final) or _Transient (retried)."""
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        return watchdog.opener().open(request, timeout=limits.timeout)
     except urllib.error.HTTPError as error:
         error.close()
         if error.code >= 500 or error.code in (408, 429):
@@ -263,10 +343,9 @@ def _open(url: str, scheme: str, timeout: float) -> Iterator[tuple[BinaryIO, int
     except ValueError as error:  # malformed URL (http.client.InvalidURL and friends)
         raise DownloadError(f"{url}: not a valid URL ({error}). Fix the URL or mirror in params.yaml.") from error
     except (OSError, http.client.HTTPException) as error:  # URLError, refused, reset, timeout
+        if watchdog.fired.is_set():
+            raise limits.overdue(url, "the response headers had not all arrived") from error
         raise _Transient(_describe(error)) from error
-    with response:
-        length = response.headers.get("Content-Length", "")
-        yield response, int(length) if length.isdigit() else None
 
 
 def local_path(url: str, scheme: str) -> Path:

@@ -19,8 +19,9 @@ from urllib.parse import unquote, urlsplit
 # good: the file; corrupt: one byte flipped; truncate: full Content-Length, half the body, then close;
 # 404 / 500: that status; slow_drop: headers and a few bytes, a stall of `stall_seconds`, then close;
 # trickle: full Content-Length, then one byte every `trickle_seconds` (never stalls long enough for a read timeout);
-# oversize: no Content-Length, the file followed by filler up to `oversize_bytes` in all, then close.
-FAULTS = ("good", "corrupt", "truncate", "404", "500", "slow_drop", "trickle", "oversize")
+# oversize: no Content-Length, the file followed by filler up to `oversize_bytes` in all, then close;
+# trickle_headers: the status line and headers one byte every `trickle_seconds`, then the whole body.
+FAULTS = ("good", "corrupt", "truncate", "404", "500", "slow_drop", "trickle", "oversize", "trickle_headers")
 
 
 class FaultServer:
@@ -105,6 +106,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(500 if fault == "500" else 404)
             return
         data = content.read_bytes() if isinstance(content, Path) else content
+        if fault == "trickle_headers":  # the status line and headers one byte at a time, then the body
+            head = f"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+            for index in range(len(head)):
+                if state.stopping.is_set():
+                    return
+                self._send(path, head[index : index + 1])
+                time.sleep(state.trickle_seconds)
+            self._send(path, data)
+            self.close_connection = True
+            return
         if fault == "corrupt":
             middle = len(data) // 2
             data = data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]

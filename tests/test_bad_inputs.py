@@ -15,7 +15,8 @@ Catalogue of bad inputs tried across the suite (see each file for the cases):
 
 Added for issue 16 (reliability):
 - A, downloads without limits (tests/test_download.py): a mirror trickling one byte per 0.1 s
-  (given up at download.deadline_seconds, with progress log lines), a body without
+  (given up at download.deadline_seconds, with progress log lines), the same for the response
+  headers (a watchdog shuts the connection at the deadline), a body without
   Content-Length far past the pinned size (cut off one byte past it, nothing kept), a
   Content-Length other than the pinned size, a full disk while writing, a download cache under a
   regular file or on a read-only mount, malformed TAPEWORK_MIRROR / download.mirror (bad IPv6

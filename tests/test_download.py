@@ -281,6 +281,29 @@ def test_trickling_mirror_is_given_up_at_the_deadline_with_progress_lines(
     assert list(tmp_path.iterdir()) == []  # nothing kept, no partial file
 
 
+def test_headers_sent_one_byte_at_a_time_are_given_up_at_the_deadline(tmp_path: Path) -> None:
+    """urlopen reads the status line and headers itself; one byte every 0.1 s of them (~90 bytes)
+    never trips the 2 s read timeout, so only the deadline's watchdog ends the request."""
+    with FaultServer({"/data/file.bin": PAYLOAD}, trickle_seconds=0.1) as running:
+        running.program("/data/file.bin", "trickle_headers")
+        started = time.monotonic()
+        with pytest.raises(DownloadError, match=r"not complete within download\.deadline_seconds = 1\.5 s \(the response headers had not all arrived\)") as caught:
+            download_file(running.url + "/data/file.bin", tmp_path / "file.bin", PIN, retries=2, backoff_seconds=0.01, timeout_seconds=2.0, deadline_seconds=1.5, size=len(PAYLOAD))
+        elapsed = time.monotonic() - started
+        assert running.requests("/data/file.bin") == 1  # the deadline was spent: no retry
+    assert "\n" not in str(caught.value)
+    assert 1.5 <= elapsed < 3.0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_headers_sent_one_byte_at_a_time_within_the_deadline_still_download(tmp_path: Path) -> None:
+    """The watchdog stops only what overruns: the same slow headers with time to spare give the file."""
+    with FaultServer({"/data/file.bin": PAYLOAD}, trickle_seconds=0.005) as running:
+        running.program("/data/file.bin", "trickle_headers")
+        path = download_file(running.url + "/data/file.bin", tmp_path / "file.bin", PIN, retries=0, backoff_seconds=0.01, timeout_seconds=2.0, deadline_seconds=30.0, size=len(PAYLOAD))
+    assert path.read_bytes() == PAYLOAD
+
+
 def test_body_longer_than_the_pinned_size_is_cut_off_and_kept_nowhere(tmp_path: Path) -> None:
     """No Content-Length and 20 MB of body for a 16 KiB pin: reading stops one byte past the pin."""
     with FaultServer({"/data/file.bin": PAYLOAD}, oversize_bytes=20_000_000) as running:

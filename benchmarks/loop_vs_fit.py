@@ -1,19 +1,24 @@
 """Benchmark: the project's hand-written train loop against `model.fit`, in one process.
 
-Same model (`build_model` of the default `mlp`: hidden units [128, 64], dropout 0.1, same initial
-weights), same data (Fashion-MNIST shaped: 60000 x 28 x 28 x 1 uint8), same optimizer (Adam 1e-3),
-same loss (sparse categorical cross-entropy from logits). fit tracks loss mean + accuracy; the loop
-tracks what train() tracks (tapework.metrics.MetricSet: loss mean, accuracy and Huber):
+Same model for every variant (`build_model` of params.yaml's `mlp` and `residual_mlp`, same
+initial weights), same data (Fashion-MNIST shaped: 60000 x 28 x 28 x 1 uint8), same optimizer
+(Adam 1e-3), same loss (sparse categorical cross-entropy from logits). fit tracks loss mean +
+accuracy; the loop tracks what train() tracks (tapework.metrics.MetricSet: loss mean, accuracy and
+Huber):
 
-  (a) model.fit, default compile (on a CPU-only machine Keras resolves jit_compile="auto" to False)
-  (b) model.fit, compile(..., steps_per_execution=32)
-  (c) the project's loop: tapework.loop.make_train_function + tapework.batching.make_dataset +
+  (a)  model.fit, default compile (on a CPU-only machine Keras resolves jit_compile="auto" to False)
+  (b)  model.fit, compile(..., steps_per_execution=32)
+  (b') model.fit, compile(..., steps_per_execution=32, jit_compile=True): the strongest fit. Keras
+       drops XLA at compile() while op determinism is on, so (b') runs only with --no-determinism,
+       and the benchmark checks `model.jit_compile` rather than trusting the label.
+  (c)  the project's loop: tapework.loop.make_train_function + tapework.batching.make_dataset +
       tapework.metrics.MetricSet, driven as tapework.training.train drives it (a new dataset per
       epoch), at params.yaml's steps_per_execution and jit_compile, plus a steps_per_execution sweep
 
 This is the only file in the repository that calls `fit`: it is the baseline.
 
-    python benchmarks/loop_vs_fit.py                  # random (learnable) uint8 data, batch 64 and 256
+    python benchmarks/loop_vs_fit.py                  # random (learnable) uint8 data, batch 32, 64 and 256
+    python benchmarks/loop_vs_fit.py --both-determinism   # two processes, op determinism on and off: c/b'
     python benchmarks/loop_vs_fit.py --real path/to/fashion-mnist   # a folder with the IDX .gz files
     python benchmarks/loop_vs_fit.py --explore        # + the levers: XLA flipped, drop_remainder
     python benchmarks/loop_vs_fit.py --quick          # smoke test: tiny data, one batch size
@@ -34,7 +39,9 @@ import dataclasses
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -95,9 +102,9 @@ def real_data(folder: Path, samples: int) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 
-def make_config(images: np.ndarray, seed: int) -> dict[str, Any]:
-    """The project's model config for the params.yaml `mlp`, standardised with the data's stats."""
-    train = dataclasses.replace(load_params(ROOT / "params.yaml").train, model="mlp", seed=seed, l2=0.0)
+def make_config(images: np.ndarray, seed: int, model: str = "mlp") -> dict[str, Any]:
+    """The project's model config for params.yaml's `model` section, standardised with the data's stats."""
+    train = dataclasses.replace(load_params(ROOT / "params.yaml").train, model=model, seed=seed, l2=0.0)
     offset, scale = normalization_stats(images, "standard", image=True)
     return model_config(train, images.shape[1:], NUM_CLASSES, offset, scale)
 
@@ -122,6 +129,7 @@ class Outcome:
     label: str
     batch_size: int
     samples: int
+    model: str = "mlp"
     epoch_seconds: list[float] = dataclasses.field(default_factory=list)  # warm-up epoch first
     losses: list[float] = dataclasses.field(default_factory=list)
     accuracies: list[float] = dataclasses.field(default_factory=list)
@@ -162,6 +170,8 @@ class FitTrainer:
             jit_compile=jit_compile,
         )
         self.timer = _EpochTimer()
+        if jit_compile is True and self.model.jit_compile is not True:
+            raise AssertionError(f"{outcome.label}: Keras compiled without XLA (jit_compile={self.model.jit_compile}); op determinism turns it off")
         self.outcome.note = f"jit_compile={self.model.jit_compile}"
 
     def epoch(self, number: int) -> None:
@@ -225,15 +235,17 @@ def variants(args: argparse.Namespace, defaults: TrainParams) -> list[tuple[str,
     """(key, label, trainer class, trainer kwargs); keys a, b, c are the issue's three.
 
     (c) runs at params.yaml's train settings (steps_per_execution, jit_compile resolved for the
-    mlp): the loop as `dvc repro` runs it.
+    model): the loop as `dvc repro` runs it. (b') exists only with op determinism off.
     """
     spe, jit = defaults.steps_per_execution, defaults.use_xla()
     loop = {"steps_per_execution": spe, "jit_compile": jit}
     rows: list[tuple[str, str, Callable[..., Any], dict[str, Any]]] = [
         ("a", "(a) fit", FitTrainer, {"steps_per_execution": 1}),
         ("b", "(b) fit spe=32", FitTrainer, {"steps_per_execution": 32}),
-        ("c", f"(c) loop spe={spe} jit={jit} (params.yaml)", LoopTrainer, loop),
     ]
+    if not args.determinism:
+        rows.append(("b-xla", "(b') fit spe=32 jit_compile=True, op determinism off", FitTrainer, {"steps_per_execution": 32, "jit_compile": True}))
+    rows.append(("c", f"(c) loop spe={spe} jit={jit} (params.yaml)", LoopTrainer, loop))
     for other in args.sweep:
         if other != spe:
             rows.append((f"c-spe{other}", f"(c) loop spe={other} jit={jit}", LoopTrainer, {**loop, "steps_per_execution": other}))
@@ -245,7 +257,7 @@ def variants(args: argparse.Namespace, defaults: TrainParams) -> list[tuple[str,
         if not args.determinism:  # Keras turns fit's XLA off under op determinism
             rows.append(("a-jit", "(a) fit, jit_compile=True", FitTrainer, {"steps_per_execution": 1, "jit_compile": True}))
     if args.only:
-        rows = [row for row in rows if row[0] in args.only or row[0] in ("a", "b", "c")]
+        rows = [row for row in rows if row[0] in args.only or row[0] in ("a", "b", "b-xla", "c")]
     return rows
 
 
@@ -259,7 +271,7 @@ def describe(outcome: Outcome, reference: Outcome | None) -> str:
     spread = ", ".join(f"{outcome.samples / s:,.0f}" for s in outcome.measured)
     versus = f"  vs (a) {paired_ratio(outcome, reference):.2f}x" if reference is not None else ""
     return (
-        f"RESULT {outcome.label:<58} batch={outcome.batch_size:<4} samples/s={outcome.samples_per_second:>9,.0f}{versus}  "
+        f"RESULT {outcome.model:<12} {outcome.label:<58} batch={outcome.batch_size:<4} samples/s={outcome.samples_per_second:>9,.0f}{versus}  "
         f"(epochs: {spread}; warm-up {outcome.epoch_seconds[0]:.2f}s)  final loss={outcome.losses[-1]:.4f} "
         f"acc={outcome.accuracies[-1]:.4f}  {outcome.note}"
     )
@@ -268,7 +280,8 @@ def describe(outcome: Outcome, reference: Outcome | None) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=5, help="measured epochs per variant, after one warm-up epoch (default 5)")
-    parser.add_argument("--batch-sizes", default="64,256", help="comma-separated (default 64,256)")
+    parser.add_argument("--batch-sizes", default="32,64,256", help="comma-separated (default 32,64,256)")
+    parser.add_argument("--models", default="mlp,residual_mlp", help="params.yaml model families, comma-separated (default mlp,residual_mlp)")
     parser.add_argument("--sweep", default="1,8,32", help="steps_per_execution values for the loop (default 1,8,32)")
     parser.add_argument("--samples", type=int, default=60000, help="training examples (default 60000)")
     parser.add_argument("--real", type=Path, metavar="PATH", help="folder with the Fashion-MNIST IDX .gz files, instead of random data")
@@ -278,19 +291,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-determinism", dest="determinism", action="store_false", help="skip tf.config.experimental.enable_op_determinism() (train() enables it)")
     parser.add_argument("--intra-op", type=int, default=0, help="intra-op threads (0: TensorFlow's default)")
     parser.add_argument("--inter-op", type=int, default=0, help="inter-op threads (0: TensorFlow's default)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 4096 examples, batch 64, (a), (b) and (c) at params.yaml's settings, 1+2 epochs")
+    parser.add_argument("--both-determinism", action="store_true", help="run this benchmark twice, in two processes (op determinism on, then off), and print c/b' for each")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 4096 examples, batch 64, the variants at params.yaml's settings (no sweep), 1+2 epochs, each model")
     parser.add_argument("--json", type=Path, help="also write every outcome to this JSON file")
     args = parser.parse_args(argv)
     if args.quick:
         args.samples, args.batch_sizes, args.epochs, args.sweep, args.explore = min(args.samples, 4096), "64", 2, "", False
     args.batch_sizes = [int(item) for item in args.batch_sizes.split(",") if item]
+    args.models = [item for item in args.models.split(",") if item]
     args.sweep = [int(item) for item in args.sweep.split(",") if item]
     args.only = [item for item in args.only.split(",") if item]
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_one_setting(args: argparse.Namespace) -> int:
     tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
     tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
     if args.determinism:
@@ -306,53 +320,98 @@ def main(argv: list[str] | None = None) -> int:
         x, y = synthetic_data(args.samples, args.seed)
         source = "random uint8 (class template + noise)"
     print(f"DATA {source}: x {x.shape} {x.dtype}, y {y.shape} {y.dtype}", flush=True)
-    config = make_config(x, args.seed)
-    defaults = dataclasses.replace(load_params(ROOT / "params.yaml").train, model="mlp")
-    tables: list[tuple[int, dict[str, Outcome]]] = []
+    tables: list[tuple[str, int, dict[str, Outcome]]] = []
     ratios: dict[str, float] = {}
-    for batch_size in args.batch_sizes:
-        trainers: dict[str, Any] = {}
-        for key, label, kind, kwargs in variants(args, defaults):
-            trainers[key] = kind(Outcome(key, label, batch_size, len(x)), x, y, config, args.seed, **kwargs)
-        keys = list(trainers)
-        for round_index in range(args.epochs + 1):
-            shift = round_index % len(keys)
-            for key in keys[shift:] + keys[:shift]:
-                trainers[key].epoch(round_index + 1)
-        rows = {key: trainer.outcome for key, trainer in trainers.items()}
-        for outcome in rows.values():
-            print(describe(outcome, rows["a"] if outcome.key != "a" else None), flush=True)
-        ratios[f"{batch_size}:c/a"] = paired_ratio(rows["c"], rows["a"])
-        line = f"RATIO batch={batch_size} c/a={ratios[f'{batch_size}:c/a']:.2f}"
-        if "b" in rows:
-            ratios[f"{batch_size}:c/b"] = paired_ratio(rows["c"], rows["b"])
-            line += f" c/b={ratios[f'{batch_size}:c/b']:.2f}"
-        print(line, flush=True)
-        print(f"PARITY batch={batch_size} fit_loss={rows['a'].losses[-1]:.4f} loop_loss={rows['c'].losses[-1]:.4f} "
-              f"after {len(rows['a'].losses)} epochs (fit, per epoch: {', '.join(f'{v:.4f}' for v in rows['a'].losses)}; "
-              f"loop: {', '.join(f'{v:.4f}' for v in rows['c'].losses)})", flush=True)
-        tables.append((batch_size, rows))
+    for model in args.models:
+        config = make_config(x, args.seed, model)
+        defaults = dataclasses.replace(load_params(ROOT / "params.yaml").train, model=model)
+        for batch_size in args.batch_sizes:
+            trainers: dict[str, Any] = {}
+            for key, label, kind, kwargs in variants(args, defaults):
+                trainers[key] = kind(Outcome(key, label, batch_size, len(x), model), x, y, config, args.seed, **kwargs)
+            keys = list(trainers)
+            for round_index in range(args.epochs + 1):
+                shift = round_index % len(keys)
+                for key in keys[shift:] + keys[:shift]:
+                    trainers[key].epoch(round_index + 1)
+            rows = {key: trainer.outcome for key, trainer in trainers.items()}
+            for outcome in rows.values():
+                print(describe(outcome, rows["a"] if outcome.key != "a" else None), flush=True)
+            line = f"RATIO model={model} batch={batch_size}"
+            for reference in ("a", "b", "b-xla"):
+                if reference in rows:
+                    name = f"c/{reference.replace('-xla', chr(39))}"  # b-xla prints as b'
+                    ratios[f"{model}:{batch_size}:{name}"] = paired_ratio(rows["c"], rows[reference])
+                    line += f" {name}={ratios[f'{model}:{batch_size}:{name}']:.2f}"
+            if "b-xla" in rows:
+                ratios[f"{model}:{batch_size}:b'/a"] = paired_ratio(rows["b-xla"], rows["a"])
+            print(line, flush=True)
+            print(f"PARITY model={model} batch={batch_size} fit_loss={rows['a'].losses[-1]:.4f} loop_loss={rows['c'].losses[-1]:.4f} "
+                  f"after {len(rows['a'].losses)} epochs (fit, per epoch: {', '.join(f'{v:.4f}' for v in rows['a'].losses)}; "
+                  f"loop: {', '.join(f'{v:.4f}' for v in rows['c'].losses)})", flush=True)
+            tables.append((model, batch_size, rows))
 
     print()
     print(f"Machine: {machine}; {threads}.  ")
     print(f"Data: {source}, {len(x)} examples. Median of {args.epochs} epochs after 1 warm-up, variants interleaved epoch by epoch; ratios are medians of per-round ratios.")
     print()
-    print("| batch | variant | samples/s | vs (a) |")
-    print("|---:|---|---:|---:|")
-    for batch_size, rows in tables:
+    print("| model | batch | variant | samples/s | vs (a) |")
+    print("|---|---:|---|---:|---:|")
+    for model, batch_size, rows in tables:
         for outcome in rows.values():
             versus = "1.00x" if outcome.key == "a" else f"{paired_ratio(outcome, rows['a']):.2f}x"
-            print(f"| {batch_size} | {outcome.label} | {outcome.samples_per_second:,.0f} | {versus} |")
+            print(f"| {model} | {batch_size} | {outcome.label} | {outcome.samples_per_second:,.0f} | {versus} |")
     if args.json:
         payload = {
             "machine": machine,
             "settings": threads,
+            "determinism": args.determinism,
             "source": source,
             "ratios": ratios,
-            "outcomes": [dataclasses.asdict(outcome) | {"samples_per_second": outcome.samples_per_second} for _, rows in tables for outcome in rows.values()],
+            "outcomes": [dataclasses.asdict(outcome) | {"samples_per_second": outcome.samples_per_second} for _, _, rows in tables for outcome in rows.values()],
         }
         args.json.write_text(json.dumps(payload, indent=2))
     return 0
+
+
+def run_both_settings(argv: list[str], args: argparse.Namespace) -> int:
+    """Op determinism is process-wide, so each setting runs in its own process, each with its own (a).
+
+    The loop as the pipeline runs it (determinism on) is compared with the strongest fit (b',
+    which needs determinism off) through their ratios to (a): c/b' = (c/a, on) / (b'/a, off).
+    """
+    forwarded = [item for item in argv if item != "--both-determinism"]
+    reports = {}
+    with tempfile.TemporaryDirectory(prefix="loop-vs-fit-") as folder:
+        for name, extra in (("on", []), ("off", ["--no-determinism"])):
+            path = Path(folder) / f"{name}.json"
+            command = [sys.executable, str(Path(__file__).resolve()), *[item for item in forwarded if item != "--no-determinism"], *extra, "--json", str(path)]
+            print(f"SETTING op determinism {name}: {' '.join(command[1:])}", flush=True)
+            if subprocess.run(command, check=False).returncode:
+                return 1
+            reports[name] = json.loads(path.read_text())["ratios"]
+    print()
+    print("| model | batch | c/a, determinism on | b'/a, off | c/b', c as the pipeline runs it (on) | c/b', all off |")
+    print("|---|---:|---:|---:|---:|---:|")
+    combined = {}
+    for model in args.models:
+        for batch_size in args.batch_sizes:
+            key = f"{model}:{batch_size}"
+            on, off = reports["on"][f"{key}:c/a"], reports["off"][f"{key}:b'/a"]
+            combined[key] = {"c/a on": on, "b'/a off": off, "c/b' on vs off": on / off, "c/b' off": reports["off"][f"{key}:c/b'"]}
+            print(f"| {model} | {batch_size} | {on:.2f}x | {off:.2f}x | {on / off:.2f}x | {reports['off'][f'{key}:c/b' + chr(39)]:.2f}x |")
+            print(f"RATIO_BOTH model={model} batch={batch_size} c/b'(det on)={on / off:.2f} c/b'(det off)={reports['off'][f'{key}:c/b' + chr(39)]:.2f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"on": reports["on"], "off": reports["off"], "combined": combined}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.both_determinism:
+        return run_both_settings(argv, args)
+    return run_one_setting(args)
 
 
 if __name__ == "__main__":

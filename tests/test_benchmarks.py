@@ -27,12 +27,15 @@ def test_loop_vs_fit_quick_runs_and_compares_like_with_like(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert re.search(r"^MACHINE .+, \d+ cores, TensorFlow \S+", out, re.M), out
-    assert re.search(r"^RATIO batch=64 c/a=\d+\.\d\d c/b=\d+\.\d\d$", out, re.M), out
-    assert re.search(r"^PARITY batch=64 fit_loss=\S+ loop_loss=\S+", out, re.M), out
-    assert "| batch | variant | samples/s | vs (a) |" in out
+    for model in ("mlp", "residual_mlp"):  # the default model and the seed's setup
+        assert re.search(rf"^RATIO model={model} batch=64 c/a=\d+\.\d\d c/b=\d+\.\d\d$", out, re.M), out
+        assert re.search(rf"^PARITY model={model} batch=64 fit_loss=\S+ loop_loss=\S+", out, re.M), out
+    assert "| model | batch | variant | samples/s | vs (a) |" in out
 
     report = json.loads(report_path.read_text())
-    outcomes = {outcome["key"]: outcome for outcome in report["outcomes"]}
+    assert report["determinism"] is True and "b-xla" not in {outcome["key"] for outcome in report["outcomes"]}  # (b') needs determinism off
+    assert {outcome["model"] for outcome in report["outcomes"]} == {"mlp", "residual_mlp"}
+    outcomes = {outcome["key"]: outcome for outcome in report["outcomes"] if outcome["model"] == "mlp"}
     assert {"a", "b", "c"} <= outcomes.keys()
     fit, loop = outcomes["a"], outcomes["c"]
     assert fit["samples"] == loop["samples"] and fit["batch_size"] == loop["batch_size"] == 64
@@ -62,3 +65,19 @@ def test_pipeline_figures_runs_on_the_real_fashion_mnist(tmp_path):
     assert figures["train"]["train_examples"] == 54000 and len(figures["train"]["runs"][0]["epoch_seconds"]) == 1
     assert figures["train"]["final_history"]["val_accuracy"] > 0.8  # one real epoch of the default mlp learns
     assert figures["dvc"]["status_after_repro"] == "Data and pipelines are up to date."
+
+
+def test_loop_vs_fit_strongest_fit_baseline_runs_with_xla_when_determinism_is_off(tmp_path):
+    """(b'): fit with steps_per_execution=32 and jit_compile=True; the benchmark asserts Keras kept XLA."""
+    report_path = tmp_path / "off.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "loop_vs_fit.py"), "--quick", "--no-determinism", "--models", "residual_mlp", "--json", str(report_path)],
+        cwd=ROOT, env=tool_env(), capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"^RATIO model=residual_mlp batch=64 c/a=\d+\.\d\d c/b=\d+\.\d\d c/b'=\d+\.\d\d$", result.stdout, re.M), result.stdout
+    report = json.loads(report_path.read_text())
+    strongest = next(outcome for outcome in report["outcomes"] if outcome["key"] == "b-xla")
+    assert strongest["note"] == "jit_compile=True" and len(strongest["losses"]) == 3
+    assert strongest["losses"][-1] < strongest["losses"][0]  # it trains
+    assert "residual_mlp:64:b'/a" in report["ratios"]

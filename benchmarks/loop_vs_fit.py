@@ -197,12 +197,17 @@ class LoopTrainer:
         *,
         drop_remainder: bool = False,
         jit_compile: bool = False,
+        policy: str = "float32",
     ) -> None:
         self.outcome, self.x, self.y, self.seed = outcome, x, y, seed
         self.drop_remainder = drop_remainder
         # What train_epoch reads: steps per call, and stop with an error on a non-finite loss.
         self.params = dataclasses.replace(load_params(ROOT / "params.yaml").train, steps_per_execution=steps_per_execution, on_nonfinite="error")
-        self.model = fresh_model(config, seed)
+        keras.mixed_precision.set_dtype_policy(policy)  # layers take the policy in force when they are built
+        try:
+            self.model = fresh_model(config, seed)
+        finally:
+            keras.mixed_precision.set_dtype_policy("float32")
         self.optimizer = make_optimizer()
         self.optimizer.build(self.model.trainable_variables)  # slots must exist before the first traced step
         self.metrics = MetricSet("classification", NUM_CLASSES, self.params.huber_delta)  # what train() tracks for this task
@@ -256,6 +261,13 @@ def variants(args: argparse.Namespace, defaults: TrainParams) -> list[tuple[str,
         ]
         if not args.determinism:  # Keras turns fit's XLA off under op determinism
             rows.append(("a-jit", "(a) fit, jit_compile=True", FitTrainer, {"steps_per_execution": 1, "jit_compile": True}))
+    if args.bf16:  # train.mixed_precision: bfloat16 against float32, each with XLA as params.yaml has it and flipped
+        rows += [
+            ("c-bf16", f"(c) loop spe={spe} jit={jit} mixed_bfloat16", LoopTrainer, {**loop, "policy": "mixed_bfloat16"}),
+            ("c-bf16-jit-flip", f"(c) loop spe={spe} jit={not jit} mixed_bfloat16", LoopTrainer, {**loop, "jit_compile": not jit, "policy": "mixed_bfloat16"}),
+        ]
+        if not args.explore:
+            rows.append(("c-jit-flip", f"(c) loop spe={spe} jit={not jit}", LoopTrainer, {**loop, "jit_compile": not jit}))
     if args.only:
         rows = [row for row in rows if row[0] in args.only or row[0] in ("a", "b", "b-xla", "c")]
     return rows
@@ -291,6 +303,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-determinism", dest="determinism", action="store_false", help="skip tf.config.experimental.enable_op_determinism() (train() enables it)")
     parser.add_argument("--intra-op", type=int, default=0, help="intra-op threads (0: TensorFlow's default)")
     parser.add_argument("--inter-op", type=int, default=0, help="inter-op threads (0: TensorFlow's default)")
+    parser.add_argument("--bf16", action="store_true", help="also the loop under Keras's mixed_bfloat16 policy (train.mixed_precision: bfloat16), with XLA on and off")
     parser.add_argument("--both-determinism", action="store_true", help="run this benchmark twice, in two processes (op determinism on, then off), and print c/b' for each")
     parser.add_argument("--quick", action="store_true", help="smoke test: 4096 examples, batch 64, the variants at params.yaml's settings (no sweep), 1+2 epochs, each model")
     parser.add_argument("--json", type=Path, help="also write every outcome to this JSON file")

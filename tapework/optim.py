@@ -86,7 +86,7 @@ def make_optimizer(train: TrainParams, steps_per_epoch: int) -> keras.optimizers
         optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=train.momentum, **clip)
     else:
         raise ValueError(f"unknown optimizer '{train.optimizer}'; expected one of {', '.join(OPTIMIZERS)}")
-    if train.mixed_precision:
+    if train.mixed_precision is True:  # float16; bfloat16 has float32's exponent range and needs no scaling
         # Dynamic loss scaling: grows the scale while gradients stay finite, halves it on overflow.
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer

@@ -135,7 +135,7 @@ class TrainParams:
     early_stopping: EarlyStoppingParams = _spec()
     steps_per_execution: int = _spec(min=1, max=10_000)
     jit_compile: bool | str = _spec(choices=("auto",), help="true, false or auto (see TrainParams.use_xla)")
-    mixed_precision: bool = _spec()
+    mixed_precision: bool | str = _spec(choices=("bfloat16",), help="false (float32), true (float16 with loss scaling) or bfloat16")
     on_nonfinite: str = _spec(choices=catalogue.NONFINITE_POLICIES)
     distribute: str = _spec(choices=catalogue.STRATEGIES)
     checkpoint_every: int = _spec(min=1)
@@ -358,7 +358,7 @@ def _cross_check(params: Params) -> None:
         _fail("train.clip_norm", train.clip_norm, "clipping is not replica-safe in Keras 3 (it clips each replica's partial gradient before they are summed, which is not the single-device clip); set 0 with train.distribute")
     if train.jit_compile is True and not family.xla_allowed:
         _fail("train.jit_compile", True, f"XLA cannot compile {train.model} deterministically (no deterministic max-pool gradient) and op determinism is always on; use auto or false")
-    if train.distribute != "none" and train.mixed_precision:
+    if train.distribute != "none" and train.mixed_precision is True:
         _fail("train.mixed_precision", train.mixed_precision, "loss scaling is not replica-safe in Keras 3 (LossScaleOptimizer judges overflow from the first replica's gradients only); set false with train.distribute")
     if params.download.deadline_seconds < params.download.timeout_seconds:
         _fail("download.deadline_seconds", params.download.deadline_seconds, f"must be at least download.timeout_seconds = {params.download.timeout_seconds}")

@@ -27,6 +27,7 @@ from tapework.metrics import MetricSet
 from tapework.models import build_model, model_config
 from tapework.optim import current_learning_rate, make_optimizer
 from tapework.params import TrainParams, to_plain
+from tapework.precision import dtype_policy
 from tapework.preprocess import Prepared
 from tapework.runs import run_fingerprint, run_id
 from tapework.tensorboard import SummaryWriters
@@ -108,7 +109,7 @@ def train(
     configure_environment(train_params.distribute)  # first: TF fixes its device list when it initialises
     strategy = make_strategy(train_params.distribute)  # MultiWorkerMirroredStrategy must precede other TF ops
     configure_determinism(train_params.seed)
-    keras.mixed_precision.set_dtype_policy("mixed_float16" if train_params.mixed_precision else "float32")
+    keras.mixed_precision.set_dtype_policy(dtype_policy(train_params.mixed_precision, gpu=bool(tf.config.list_physical_devices("GPU"))))
     meta = data.meta
     spec = task_spec(meta, train_params.label_smoothing)
     x_train, y_train = data.split("train")

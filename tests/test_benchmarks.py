@@ -71,7 +71,7 @@ def test_loop_vs_fit_strongest_fit_baseline_runs_with_xla_when_determinism_is_of
     """(b'): fit with steps_per_execution=32 and jit_compile=True; the benchmark asserts Keras kept XLA."""
     report_path = tmp_path / "off.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "loop_vs_fit.py"), "--quick", "--no-determinism", "--models", "residual_mlp", "--json", str(report_path)],
+        [sys.executable, str(ROOT / "benchmarks" / "loop_vs_fit.py"), "--quick", "--no-determinism", "--bf16", "--models", "residual_mlp", "--json", str(report_path)],
         cwd=ROOT, env=tool_env(), capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -81,3 +81,7 @@ def test_loop_vs_fit_strongest_fit_baseline_runs_with_xla_when_determinism_is_of
     assert strongest["note"] == "jit_compile=True" and len(strongest["losses"]) == 3
     assert strongest["losses"][-1] < strongest["losses"][0]  # it trains
     assert "residual_mlp:64:b'/a" in report["ratios"]
+    variants = {outcome["key"]: outcome for outcome in report["outcomes"]}
+    for key in ("c-bf16", "c-bf16-jit-flip", "c-jit-flip"):  # train.mixed_precision: bfloat16, XLA on and off
+        assert variants[key]["losses"][-1] < variants[key]["losses"][0], key
+    assert "mixed_bfloat16" in variants["c-bf16"]["label"]

@@ -78,7 +78,7 @@ BAD_VALUES = {
     "train.early_stopping.restore_best": ["true"],
     "train.steps_per_execution": [0, 10_001],
     "train.jit_compile": [0, "yes", "xla", None],
-    "train.mixed_precision": ["no"],
+    "train.mixed_precision": ["no", "float16", "bf16"],
     "train.on_nonfinite": ["ignore"],
     "train.distribute": ["tpu"],
     "train.checkpoint_every": [0],

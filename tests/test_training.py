@@ -105,6 +105,57 @@ def test_mixed_precision_trains_on_cpu(digits):
         keras.mixed_precision.set_dtype_policy("float32")
 
 
+@pytest.mark.parametrize("supported", [True, False], ids=["bf16-cpu", "fallback"])
+def test_bfloat16_trains_in_bfloat16_or_falls_back_to_float32_with_one_warning(digits, supported, monkeypatch, caplog):
+    """On a CPU with bfloat16 units the hidden layers compute in bfloat16 (head and loss float32, no
+    loss scaling); forced off, the run is bitwise the float32 run, with one warning line."""
+    import keras
+
+    from tapework import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bfloat16", lambda cpuinfo=precision.CPUINFO: supported)
+    caplog.set_level("WARNING", logger="tapework.precision")
+    try:
+        result = run_training(train_params(mixed_precision="bfloat16", epochs=2), digits)
+        hidden_dtype = result.model.hidden[0].compute_dtype
+        assert result.model.head.compute_dtype == "float32"
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    warnings = [record.getMessage() for record in caplog.records]
+    baseline = run_training(train_params(epochs=2), digits)
+    if supported:
+        assert hidden_dtype == "bfloat16" and not warnings
+        assert np.isfinite(result.history[-1]["train_loss"]) and result.history != baseline.history
+    else:
+        assert hidden_dtype == "float32" and len(warnings) == 1 and "training in float32" in warnings[0] and "\n" not in warnings[0]
+        assert result.history == baseline.history
+
+
+def test_only_float16_gets_loss_scaling():
+    import keras
+
+    from tapework.optim import make_optimizer
+
+    for setting, scaled in ((True, True), ("bfloat16", False), (False, False)):
+        optimizer = make_optimizer(train_params(mixed_precision=setting), steps_per_epoch=10)
+        assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) is scaled, setting
+
+
+def test_cpu_bfloat16_detection_reads_x86_flags_and_arm_features(tmp_path):
+    from tapework.precision import cpu_has_bfloat16
+
+    cases = {
+        "processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile\n": True,
+        "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n": False,
+        "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n": True,
+        "processor\t: 0\nFeatures\t: fp asimd\n": False,
+    }
+    for text, expected in cases.items():
+        (tmp_path / "cpuinfo").write_text(text)
+        assert cpu_has_bfloat16(tmp_path / "cpuinfo") is expected, text
+    assert cpu_has_bfloat16(tmp_path / "missing") is False
+
+
 def test_regularisation_options_run(digits):
     params = train_params(optimizer="adamw", weight_decay=0.01, l2=1e-4, clip_norm=1.0, label_smoothing=0.1, schedule="step", warmup_epochs=1)
     result = run_training(params, digits)

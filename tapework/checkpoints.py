@@ -229,7 +229,7 @@ def prune(
     removed = []
     for removal in candidates:
         folder = removal.folder
-        where = f"checkpoint folder {folder.path} (last written {folder.age_days(now):.1f} days ago, {_size(folder.size)})"
+        where = f"checkpoint folder {folder.path} (last written {folder.age_days(now):.1f} days ago, {io.format_bytes(folder.size, binary=True)})"
         if dry_run:
             if holder(folder.path) is None:
                 log.info("would remove %s: %s", where, removal.reason)
@@ -261,14 +261,6 @@ def claim_run_folder(folder: Path, retention: CheckpointsParams) -> Iterator[Non
 # --- the command ----------------------------------------------------------------------------------
 
 
-def _size(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
 def _age(days: float) -> str:
     hours = days * 24
     if hours < 2:
@@ -296,11 +288,11 @@ def list_folders(root: Path, now: float | None = None) -> str:
         pid = holder(folder.path)
         state = "free" if pid is None else f"in use (pid {pid})" if pid else "in use"
         epoch = folder.epoch()
-        rows.append((folder.path.name, _size(folder.size), "-" if epoch is None else str(epoch), f"{_age(folder.age_days(now))} ago", state))
+        rows.append((folder.path.name, io.format_bytes(folder.size, binary=True), "-" if epoch is None else str(epoch), f"{_age(folder.age_days(now))} ago", state))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(width) if column in (1, 2) else cell.ljust(width) for column, (cell, width) in enumerate(zip(row, widths))).rstrip() for row in rows]
     total = sum(folder.size for folder in folders)
-    return "\n".join([*lines, f"{len(folders)} run folder(s), {_size(total)} in {root}"])
+    return "\n".join([*lines, f"{len(folders)} run folder(s), {io.format_bytes(total, binary=True)} in {root}"])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -331,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise CheckpointsError(f"--keep-runs {keep_runs} --keep-days {keep_days:g}: both must be 0 (no limit) or more")
     removed = prune(root, keep_runs, keep_days, everything=args.everything, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
-    print(f"{verb} {len(removed)} run folder(s), {_size(sum(removal.folder.size for removal in removed))}; {len(run_folders(root)) - (len(removed) if args.dry_run else 0)} kept in {root}")
+    print(f"{verb} {len(removed)} run folder(s), {io.format_bytes(sum(removal.folder.size for removal in removed), binary=True)}; {len(run_folders(root)) - (len(removed) if args.dry_run else 0)} kept in {root}")
 
 
 if __name__ == "__main__":

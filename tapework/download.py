@@ -31,7 +31,7 @@ from urllib.parse import quote, unquote, urlsplit
 from tqdm import tqdm
 
 from tapework.errors import DataError, DownloadError, EnvironmentSettingError
-from tapework.io import atomic_path, clear_stale, file_digest
+from tapework.io import atomic_path, clear_stale, file_digest, format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +402,7 @@ def _stream_to(stream: BinaryIO, temp: Path, length: int | None, url: str, limit
                 rate = received / max(now - started, 1e-9)
                 log.info(
                     "%s: %s after %.0f s (%s/s); gives up in %.0f s (download.deadline_seconds)",
-                    name, _amount(received, expected), now - started, _bytes(rate), limits.deadline - now,
+                    name, _amount(received, expected), now - started, format_bytes(rate), limits.deadline - now,
                 )
         try:
             out.flush()
@@ -428,16 +428,8 @@ def _write_error(temp: Path, error: OSError) -> DownloadError:
     )
 
 
-def _bytes(count: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if count < 1000 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    raise AssertionError("unreachable")
-
-
 def _amount(received: int, expected: int | None) -> str:
-    return f"{_bytes(received)} of {_bytes(expected)}" if expected is not None else f"{_bytes(received)} (size unknown)"
+    return f"{format_bytes(received)} of {format_bytes(expected)}" if expected is not None else f"{format_bytes(received)} (size unknown)"
 
 
 def _describe(error: BaseException) -> str:

@@ -174,6 +174,16 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path} is not a valid array archive ({error}); re-run the stage that writes it") from None
 
 
+def format_bytes(count: float, *, binary: bool = False) -> str:
+    """`16.4 kB` (powers of 1000) or, with `binary`, `1.3 MiB` (powers of 1024); whole bytes below one unit."""
+    base, units = (1024, ("B", "KiB", "MiB", "GiB")) if binary else (1000, ("B", "kB", "MB", "GB"))
+    for unit in units:
+        if count < base or unit == units[-1]:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= base
+    raise AssertionError("unreachable")
+
+
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file, read in 1 MiB chunks (SHA-256 for pins and manifests; DVC's lock uses MD5)."""
     digest = hashlib.new(algorithm)

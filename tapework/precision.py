@@ -13,26 +13,18 @@ import logging
 import platform
 from pathlib import Path
 
+from tapework.provenance import CPUINFO, cpuinfo_fields
+
 log = logging.getLogger(__name__)
 
-CPUINFO = Path("/proc/cpuinfo")
 # /proc/cpuinfo feature names of bfloat16 arithmetic: x86 `flags`, Arm `Features`.
 BFLOAT16_FEATURES = {"avx512_bf16", "amx_bf16", "bf16"}
 
 
-def cpu_features(cpuinfo: Path = CPUINFO) -> set[str]:
-    """The first CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
-    if not cpuinfo.is_file():
-        return set()
-    for line in cpuinfo.read_text(errors="replace").splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
-
-
 def cpu_has_bfloat16(cpuinfo: Path = CPUINFO) -> bool:
-    return bool(cpu_features(cpuinfo) & BFLOAT16_FEATURES)
+    fields = cpuinfo_fields(cpuinfo)
+    features = set((fields.get("flags") or fields.get("Features") or "").split())
+    return bool(features & BFLOAT16_FEATURES)
 
 
 def dtype_policy(setting: bool | str, *, gpu: bool) -> str:

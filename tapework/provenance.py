@@ -29,18 +29,27 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpuinfo_fields(cpuinfo: Path = CPUINFO) -> dict[str, str]:
+    """The first CPU's /proc/cpuinfo entries (`model name`, `flags`, Arm's `Features`, ...); empty where there is none."""
+    fields: dict[str, str] = {}
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def cpu_kind() -> dict[str, str]:
     """CPU model and a hash of its feature flags: kernels (oneDNN, Eigen) pick code paths by them,
     so bitwise results are only promised between machines of the same kind."""
-    model, flags = platform.processor() or "unknown", ""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("unknown", "", platform.machine()):
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = " ".join(sorted(value.split()))
+    fields = cpuinfo_fields()
+    model = platform.processor() or "unknown"
+    if model in ("unknown", platform.machine()) and "model name" in fields:
+        model = fields["model name"]
+    flags = " ".join(sorted(fields.get("flags", "").split()))
     return {"machine": platform.machine(), "model": model, "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16]}
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from tapework.errors import DataError
 from tapework.io import atomic_write_text, read_json
+from tapework.params import with_overrides  # dotted names -> nested sections
 from tapework.stats import mean, sample_std, summarize
 
 # The keys of a run's metrics (train.json + evaluate.json) that are not measurements of the run:
@@ -88,17 +89,6 @@ def measurements(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
 def _check_same_metrics(runs: Sequence[Run]) -> list[str]:
     names = list(measurements(runs[0].metrics))
     for run in runs[1:]:
@@ -119,7 +109,7 @@ def aggregate(runs: Sequence[Run]) -> dict[str, Any]:
     names = _check_same_metrics(runs)
     if len(runs) < 2:
         return {"seeds": len(runs)}
-    return {"seeds": len(runs), **_nest({name: summarize([measurements(run.metrics)[name] for run in runs]).scalars() for name in names})}
+    return {"seeds": len(runs), **with_overrides({}, {name: summarize([measurements(run.metrics)[name] for run in runs]).scalars() for name in names})}
 
 
 def per_seed_table(runs: Sequence[Run]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,50 @@ class RawDataset:
     class_names: tuple[str, ...]
     feature_names: tuple[str, ...] | None
     image_shape: tuple[int, int, int] | None
+
+
+@dataclass(frozen=True, eq=False)
+class RawSource:
+    """A raw data set read in chunks of rows: labels whole (a few bytes per example), inputs streamed.
+
+    What `preprocess.format: shards` reads, so its memory does not grow with the data set.
+    `train_inputs()` / `test_inputs()` return a fresh iterator over the input rows in file order,
+    in chunks whose row counts sum to len(y_train) / len(y_test); an error in the file (a bad CRC
+    found at its end, a short read) raises DataError from the iterator.
+    """
+
+    y_train: np.ndarray
+    y_test: np.ndarray | None  # None: no official test split; preprocess holds one out
+    train_inputs: Callable[[], Iterator[np.ndarray]]
+    test_inputs: Callable[[], Iterator[np.ndarray]] | None
+    input_shape: tuple[int, ...]  # one example's shape (rows are (chunk, *input_shape))
+    input_dtype: np.dtype
+    task: str
+    class_names: tuple[str, ...]
+    feature_names: tuple[str, ...] | None
+    image_shape: tuple[int, int, int] | None
+
+    @classmethod
+    def from_arrays(cls, raw: RawDataset) -> RawSource:
+        """A data set already in memory, as one chunk per split."""
+        test_inputs = None if raw.x_test is None else (lambda: iter([raw.x_test]))
+        return cls(
+            raw.y_train, raw.y_test, lambda: iter([raw.x_train]), test_inputs, tuple(raw.x_train.shape[1:]), raw.x_train.dtype,
+            raw.task, raw.class_names, raw.feature_names, raw.image_shape,
+        )
+
+    def materialize(self) -> RawDataset:
+        """Every row in memory (the arrays format)."""
+        x_test = None if self.test_inputs is None else _concatenate(self.test_inputs(), self.input_shape, self.input_dtype)
+        return RawDataset(
+            _concatenate(self.train_inputs(), self.input_shape, self.input_dtype), self.y_train, x_test, self.y_test,
+            self.task, self.class_names, self.feature_names, self.image_shape,
+        )
+
+
+def _concatenate(chunks: Iterator[np.ndarray], shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    parts = list(chunks)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros((0, *shape), dtype)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""DVC stage `preprocess`: raw files -> deterministic train/val/test arrays + meta.json."""
+"""DVC stage `preprocess`: raw files -> deterministic train/val/test arrays or shards + meta.json."""
 
 import logging
 
@@ -6,17 +6,23 @@ from tapework.cli import PARAMS_FILE, run_stage, stage_paths
 from tapework.datasets import load_raw
 from tapework.outputs import exclusive
 from tapework.params import load_params
-from tapework.preprocess import prepare, write_prepared
+from tapework.preprocess import RawSource, prepare, prepared_format, write_prepared, write_shards
 
 
 def main() -> None:
-    paths = stage_paths("preprocess", raw="the download stage's folder", prepared="output folder for the arrays and meta.json")
+    paths = stage_paths("preprocess", raw="the download stage's folder", prepared="output folder for the arrays or shards and meta.json")
     params = load_params(PARAMS_FILE)
+    dataset = params.download.dataset
     with exclusive("preprocess", [paths.prepared]):  # a second writer would clear this one's temp folder
-        raw = load_raw(params.download.dataset, paths.raw, params.download.csv)
-        prepared = prepare(raw, params.preprocess, params.download.dataset)
-        write_prepared(prepared, paths.prepared)
-    logging.getLogger("tapework").info("prepared %s: %s", params.download.dataset, prepared.meta["counts"])
+        source = RawSource.from_arrays(load_raw(dataset, paths.raw, params.download.csv))
+        kind = prepared_format(params.preprocess, source)
+        if kind == "arrays":
+            prepared = prepare(source.materialize(), params.preprocess, dataset)
+            write_prepared(prepared, paths.prepared)
+            meta = prepared.meta
+        else:
+            meta = write_shards(source, params.preprocess, dataset, paths.prepared)
+    logging.getLogger("tapework").info("prepared %s as %s: %s", dataset, kind, meta["counts"])
 
 
 if __name__ == "__main__":

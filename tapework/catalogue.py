@@ -17,6 +17,8 @@ SCHEDULES = ("constant", "cosine", "exponential", "step")
 NORMALIZATIONS = ("standard", "minmax", "none")
 STRATEGIES = ("none", "mirrored", "multi_worker")
 NONFINITE_POLICIES = ("error", "skip")
+# How preprocess writes the prepared data (tapework/preprocess.py, tapework/shards.py).
+PREPARED_FORMATS = ("arrays", "shards", "auto")
 # The metrics a split reports, per task (tapework/metrics.py, MetricSet); the first is the loss.
 METRICS = {
     "classification": ("loss", "accuracy", "huber"),

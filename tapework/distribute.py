@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -115,6 +116,32 @@ def distribute_dataset(strategy: tf.distribute.Strategy, dataset: tf.data.Datase
     # so a step's union of replica batches is exactly the single-device batch (FILE needs files; OFF repeats data).
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return strategy.experimental_distribute_dataset(dataset.with_options(options))
+
+
+def cluster_position() -> tuple[int, int]:
+    """(this process's index, the number of processes) in TF_CONFIG's cluster, chief first; (0, 1) without a cluster.
+
+    The index is the one MultiWorkerMirroredStrategy gives this worker's input pipeline.
+    """
+    config = _tf_config()
+    if not config:
+        return 0, 1
+    cluster, task = config["cluster"], config["task"]
+    order = [(kind, index) for kind in ("chief", "worker") for index in range(len(cluster.get(kind, [])))]
+    return order.index((task["type"], task.get("index", 0))), len(order)
+
+
+def distribute_shards(strategy: tf.distribute.Strategy, make: Callable[[int], tf.data.Dataset]) -> tf.distribute.DistributedDataset:
+    """Each worker's own pipeline, `make(worker index)` (its own shard files): file-level sharding.
+
+    Workers may hold unequal numbers of examples; the distributed iterator then gives the workers
+    that ran out empty batches until every worker has, so each example counts exactly once.
+    """
+
+    def dataset(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        return make(context.input_pipeline_id)
+
+    return strategy.distribute_datasets_from_function(dataset)
 
 
 def _cluster_size(config: dict) -> int:

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from tapework.batching import make_dataset
+from tapework.batching import split_dataset
 from tapework.io import write_json
 from tapework.loop import Evaluator, task_spec
 from tapework.metrics import MetricSet
@@ -41,8 +41,8 @@ class Outcome:
 def evaluate_model(model: keras.Model, data: Prepared, batch_size: int, huber_delta: float) -> Outcome:
     spec = task_spec(data.meta)
     metrics = MetricSet(spec.task, spec.num_classes, huber_delta, target_scale=spec.target_scale, with_confusion=spec.task == "classification")
-    x_test, y_test = data.split("test")
-    results, outputs = Evaluator(model, spec, metrics)(make_dataset(x_test, y_test, batch_size), collect_outputs=True)
+    y_test = data.labels("test")
+    results, outputs = Evaluator(model, spec, metrics)(split_dataset(data, "test", batch_size), collect_outputs=True)
     if spec.task == "classification":
         confusion = metrics.confusion_matrix()
         report = per_class_report(confusion, data.meta["class_names"])

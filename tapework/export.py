@@ -30,6 +30,7 @@ from tapework.loop import TaskSpec, outputs_in_target_units, task_spec
 from tapework.models import parameter_count, trainable_parameter_count
 from tapework.preprocess import Prepared
 from tapework.provenance import package_versions
+from tapework.shards import RECORD_KEY
 from tapework.serving import (
     CARD_FILE,
     CARD_FORMAT,
@@ -44,6 +45,8 @@ from tapework.serving import (
 )
 
 log = logging.getLogger(__name__)
+
+EXTREMES_CHUNK_ROWS = 65_536  # training examples per read when the card's value range is measured
 
 # Parity gates, checked on the whole test split before anything is written. Differences are
 # absolute, in probability (classification) or in units of the target's standard deviation
@@ -113,23 +116,33 @@ class ServingModule(tf.Module):
 def input_spec(data: Prepared) -> dict[str, Any]:
     """Shape, dtype and value range of the raw input, as the card states them."""
     meta = data.meta
-    x_train = data.split("train")[0]
-    image = x_train.dtype == np.uint8
+    image = input_dtype(data) == np.uint8
+    # Per-feature (tabular) or overall (image) minimum and maximum of the training inputs, read in chunks.
+    low = high = None
+    for inputs, _ in data.chunks("train", EXTREMES_CHUNK_ROWS):
+        inputs = inputs.reshape(len(inputs), -1) if image else inputs
+        low = inputs.min(axis=0) if low is None else np.minimum(low, inputs.min(axis=0))
+        high = inputs.max(axis=0) if high is None else np.maximum(high, inputs.max(axis=0))
     spec: dict[str, Any] = {
         "name": INPUT_NAME,
         "kind": "image" if image else "tabular",
         "shape": [None, *meta["input_shape"]],
-        "dtype": str(x_train.dtype),
+        "dtype": str(input_dtype(data)),
         "normalization": f"{meta['normalization']['method']}, applied inside the model: pass raw values",
     }
     if image:
         spec["layout"] = "NHWC"
         # The pixel values the model saw in training: digits are 0-16, the IDX and CIFAR sets 0-255.
-        spec["value_range"] = [int(x_train.min()), int(x_train.max())]
+        spec["value_range"] = [int(low.min()), int(high.max())]
     else:
         spec["feature_names"] = list(meta["feature_names"] or [])
-        spec["value_range"] = [[float(low), float(high)] for low, high in zip(x_train.min(axis=0), x_train.max(axis=0))]
+        spec["value_range"] = [[float(lowest), float(highest)] for lowest, highest in zip(low, high)]
     return spec
+
+
+def input_dtype(data: Prepared) -> np.dtype:
+    """The prepared inputs' dtype: uint8 images or float32 features."""
+    return np.dtype(data.meta[RECORD_KEY]["input_dtype"]) if data.sharded else data.split("train")[0].dtype
 
 
 def output_spec(spec: TaskSpec) -> dict[str, Any]:
@@ -194,7 +207,7 @@ def export_model(
     """
     meta = data.meta
     spec = task_spec(meta)
-    image = data.split("train")[0].dtype == np.uint8
+    image = input_dtype(data) == np.uint8
     test_metrics, reference = evaluated(model, data, batch_size, huber_delta)
     x_test = data.split("test")[0]
     card: dict[str, Any] = {

@@ -66,6 +66,9 @@ class PreprocessParams:
     test_fraction: float = _spec(min=0.0, max=1.0, min_exclusive=True, max_exclusive=True)
     normalization: str = _spec(choices=catalogue.NORMALIZATIONS)
     max_train_examples: int = _spec(min=0, help="0 keeps every training example")
+    format: str = _spec(choices=catalogue.PREPARED_FORMATS, help="arrays (whole .npy arrays), shards (streamed record files) or auto")
+    shard_size: int = _spec(min=1, max=MAX_INT, help="examples per shard file")
+    shards_above_mib: float = _spec(min=0.0, help="auto: shards when the inputs exceed this many MiB, arrays otherwise")
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ class TrainParams:
     label_smoothing: float = _spec(min=0.0, max=1.0, max_exclusive=True)
     huber_delta: float = _spec(min=0.0, min_exclusive=True, help="in units of the target's scale (tapework/metrics.py, HuberMetric)")
     early_stopping: EarlyStoppingParams = _spec()
+    shuffle_buffer: int = _spec(min=1, max=MAX_INT, help="examples in the shuffle buffer when reading shards")
     steps_per_execution: int = _spec(min=1, max=10_000)
     jit_compile: bool | str = _spec(choices=("auto",), help="true, false or auto (see TrainParams.use_xla)")
     mixed_precision: bool | str = _spec(choices=("bfloat16",), help="false (float32), true (float16 with loss scaling) or bfloat16")

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from tapework import shards
 from tapework.catalogue import NORMALIZATIONS, TASKS
 from tapework.errors import DataError
 from tapework.io import atomic_directory, load_array, read_json, save_array, file_digest, stable_hash, write_json
@@ -49,8 +50,7 @@ def subsample(size: int, count: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 1]).permutation(size)[:count])
 
 
-# Rows per chunk in normalization_stats: about 8 MB of float64 at a time.
-STATS_CHUNK_VALUES = 1 << 20
+STATS_CHUNK_VALUES = 1 << 20  # values per chunk in the normalisation statistics
 
 
 def normalization_stats(inputs: np.ndarray, method: str, image: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -58,23 +58,49 @@ def normalization_stats(inputs: np.ndarray, method: str, image: bool) -> tuple[n
 
     Images get one value per channel; tabular data one per feature.
     """
-    axes = tuple(range(inputs.ndim - 1)) if image else 0
+    rows = stats_chunk_rows(inputs.shape[1:])
+    return chunked_normalization_stats(lambda: (inputs[start : start + rows] for start in range(0, len(inputs), rows)), inputs.shape[1:], method, image)
+
+
+def stats_chunk_rows(input_shape: tuple[int, ...]) -> int:
+    """Rows per chunk in the statistics: about 8 MB of float64 at a time."""
+    return max(1, STATS_CHUNK_VALUES // max(1, int(np.prod(input_shape))))
+
+
+def chunked_normalization_stats(chunks: Callable[[], Iterator[np.ndarray]], input_shape: tuple[int, ...], method: str, image: bool) -> tuple[np.ndarray, np.ndarray]:
+    """normalization_stats over the rows `chunks()` yields (called once per pass), in chunks of `stats_chunk_rows`.
+
+    The sums run chunk by chunk in the same order for arrays and for shards, so both formats give
+    bitwise-equal statistics for the same data.
+    """
+    axes = tuple(range(len(input_shape))) if image else 0
+    channels = input_shape[-1]
     if method == "standard":
         # float64 sums (float32 loses digits over millions of pixels), taken over chunks of rows:
         # a float64 copy of the whole split would be 8x the uint8 images (340 MB for Fashion-MNIST).
-        rows = max(1, STATS_CHUNK_VALUES // max(1, int(np.prod(inputs.shape[1:]))))
+        def wide() -> Any:
+            return (chunk.astype(np.float64) for chunk in chunks())
 
-        def chunks() -> Any:
-            return (inputs[start : start + rows].astype(np.float64) for start in range(0, len(inputs), rows))
-
-        count = inputs.size // inputs.shape[-1]  # values per channel (image) or per feature
-        offset = sum(chunk.sum(axis=axes) for chunk in chunks()) / count
-        scale = np.sqrt(sum(np.square(chunk - offset).sum(axis=axes) for chunk in chunks()) / count)  # two passes: no cancellation
+        count = 0
+        total = np.zeros(channels)
+        for chunk in wide():
+            count += chunk.size // channels  # values per channel (image) or per feature
+            total = total + chunk.sum(axis=axes)
+        offset = total / count
+        squares = np.zeros(channels)
+        for chunk in wide():
+            chunk -= offset  # in place: the float64 chunk is this pass's own copy
+            squares = squares + np.square(chunk, out=chunk).sum(axis=axes)
+        scale = np.sqrt(squares / count)  # two passes: no cancellation
     elif method == "minmax":
-        offset = inputs.min(axis=axes).astype(np.float64)
-        scale = inputs.max(axis=axes).astype(np.float64) - offset
+        low = high = None
+        for chunk in chunks():
+            low = chunk.min(axis=axes) if low is None else np.minimum(low, chunk.min(axis=axes))
+            high = chunk.max(axis=axes) if high is None else np.maximum(high, chunk.max(axis=axes))
+        offset = low.astype(np.float64)
+        scale = high.astype(np.float64) - offset
     elif method == "none":
-        offset, scale = np.zeros(inputs.shape[-1]), np.ones(inputs.shape[-1])
+        offset, scale = np.zeros(channels), np.ones(channels)
     else:
         raise ValueError(f"unknown normalization '{method}'; expected one of {', '.join(NORMALIZATIONS)}")
     # A constant feature has scale 0: leave it unscaled instead of dividing by zero.
@@ -143,94 +169,221 @@ def _concatenate(chunks: Iterator[np.ndarray], shape: tuple[int, ...], dtype: np
 
 @dataclass(frozen=True)
 class Prepared:
-    arrays: dict[str, np.ndarray]  # x_train, y_train, x_val, y_val, x_test, y_test
+    arrays: dict[str, np.ndarray]  # x_train, y_train, x_val, y_val, x_test, y_test; empty when sharded
     meta: dict[str, Any]
+    directory: Path | None = None  # the prepared folder (read by the shard pipelines)
+
+    @property
+    def sharded(self) -> bool:
+        return self.meta.get(shards.FORMAT_KEY) == shards.SHARDS
+
+    def count(self, name: str) -> int:
+        return int(self.meta["counts"][name])
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """One split's (inputs, labels) in memory: shards are read whole (for the small splits and export)."""
+        if self.sharded:
+            return shards.read_split(self.directory, self.meta, name)
         return self.arrays[f"x_{name}"], self.arrays[f"y_{name}"]
+
+    def chunks(self, name: str, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """One split's (inputs, labels) in chunks of `rows` examples, in order: bounded memory for either format."""
+        if self.sharded:
+            yield from shards.iter_split(self.directory, self.meta, name, rows)
+            return
+        inputs, labels = self.split(name)
+        for start in range(0, len(labels), rows):
+            yield inputs[start : start + rows], labels[start : start + rows]
+
+    def labels(self, name: str) -> np.ndarray:
+        """One split's labels in order (the inputs of shards are read in chunks and dropped)."""
+        if not self.sharded:
+            return self.split(name)[1]
+        parts = [labels for _, labels in self.chunks(name, stats_chunk_rows(tuple(self.meta["input_shape"])))]
+        return np.concatenate(parts) if parts else np.zeros(0, self.meta[shards.RECORD_KEY]["label_dtype"])
 
 
 def _class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(labels, minlength=num_classes).tolist()
 
 
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which rows of the source's train file go to each split, as increasing indices (so every split keeps file order)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray | None  # rows held out for testing; None: the source's own test file is the test split
+
+
+def plan_splits(labels: np.ndarray, has_test: bool, params: PreprocessParams, classification: bool) -> SplitPlan:
+    """The deterministic split of a source's train rows: held-out test (without an official one), validation, subsample."""
+    pool, test = np.arange(len(labels)), None
+    if not has_test:
+        pool, test = split_indices(len(labels), params.test_fraction, params.seed, labels if classification else None)
+    kept, held = split_indices(len(pool), params.val_fraction, params.seed + 1, labels[pool] if classification else None)
+    train = pool[kept]
+    return SplitPlan(train[subsample(len(train), params.max_train_examples, params.seed)], pool[held], test)
+
+
+def _dtypes(task: str, image: bool) -> tuple[type, type]:
+    # Images stay uint8 (4x smaller); the model standardises them on the fly with the statistics.
+    return (np.uint8 if image else np.float32), (np.int32 if task == "classification" else np.float32)
+
+
 def prepare(raw: RawDataset, params: PreprocessParams, dataset: str) -> Prepared:
     """Raw data set -> train/val/test arrays plus the statistics the model standardises with."""
-    classification = raw.task == "classification"
-    _check_float32_range(raw, dataset)
-    x_all, y_all = raw.x_train, raw.y_train
-    if len(x_all) != len(y_all):
-        raise DataError(f"{dataset}: {len(x_all)} inputs but {len(y_all)} labels; re-run the download stage")
-    if raw.x_test is None:
-        kept, held = split_indices(len(x_all), params.test_fraction, params.seed, y_all if classification else None)
-        x_test, y_test = x_all[held], y_all[held]
-        x_all, y_all = x_all[kept], y_all[kept]
-    else:
-        x_test, y_test = raw.x_test, raw.y_test
-    kept, held = split_indices(len(x_all), params.val_fraction, params.seed + 1, y_all if classification else None)
-    x_train, y_train, x_val, y_val = x_all[kept], y_all[kept], x_all[held], y_all[held]
-    chosen = subsample(len(x_train), params.max_train_examples, params.seed)
-    x_train, y_train = x_train[chosen], y_train[chosen]
-
-    image = raw.image_shape is not None
-    # Images stay uint8 (4x smaller); the model standardises them on the fly with these stats.
-    input_dtype = np.uint8 if image else np.float32
-    label_dtype = np.int32 if classification else np.float32
+    _check_float32_range(RawSource.from_arrays(raw), dataset)
+    if len(raw.x_train) != len(raw.y_train):
+        raise DataError(f"{dataset}: {len(raw.x_train)} inputs but {len(raw.y_train)} labels; re-run the download stage")
+    plan = plan_splits(raw.y_train, raw.x_test is not None, params, raw.task == "classification")
+    rows = {"train": plan.train, "val": plan.val, "test": plan.test}
+    input_dtype, label_dtype = _dtypes(raw.task, raw.image_shape is not None)
     arrays = {}
-    for name, (inputs, labels) in {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}.items():
+    for name in SPLITS:
+        inputs, labels = (raw.x_test, raw.y_test) if rows[name] is None else (raw.x_train[rows[name]], raw.y_train[rows[name]])
         arrays[f"x_{name}"] = np.ascontiguousarray(inputs, dtype=input_dtype)
         arrays[f"y_{name}"] = np.ascontiguousarray(labels, dtype=label_dtype)
-    offset, scale = normalization_stats(arrays["x_train"], params.normalization, image)
+    offset, scale = normalization_stats(arrays["x_train"], params.normalization, raw.image_shape is not None)
+    labels = {name: arrays[f"y_{name}"] for name in SPLITS}
+    return Prepared(arrays, _meta(RawSource.from_arrays(raw), params, dataset, offset, scale, labels))
+
+
+def _meta(source: RawSource, params: PreprocessParams, dataset: str, offset: np.ndarray, scale: np.ndarray, labels: dict[str, np.ndarray]) -> dict[str, Any]:
+    """meta.json's description of the prepared data (both formats): shapes, classes, statistics, counts."""
     if not (np.isfinite(offset).all() and np.isfinite(scale).all()):  # minmax: max - min can pass float32's range
         column = int(np.flatnonzero(~(np.isfinite(offset) & np.isfinite(scale)))[0])
         raise DataError(
-            f"{dataset}: {_column_name(raw, column)} spans more than float32 can hold ({params.normalization} scale "
+            f"{dataset}: {_column_name(source, column)} spans more than float32 can hold ({params.normalization} scale "
             f"overflows); rescale that column, or use preprocess.normalization: standard"
         )
-    num_classes = len(raw.class_names) if classification else 0
+    classification = source.task == "classification"
+    num_classes = len(source.class_names) if classification else 0
     meta: dict[str, Any] = {
         "dataset": dataset,
-        "task": raw.task,
-        "input_shape": list(arrays["x_train"].shape[1:]),
+        "task": source.task,
+        "input_shape": list(source.input_shape),
         "num_classes": num_classes,
-        "class_names": list(raw.class_names),
-        "feature_names": list(raw.feature_names) if raw.feature_names else None,
+        "class_names": list(source.class_names),
+        "feature_names": list(source.feature_names) if source.feature_names else None,
         "normalization": {"method": params.normalization, "offset": offset.tolist(), "scale": scale.tolist()},
-        "counts": {name: int(len(arrays[f"y_{name}"])) for name in SPLITS},
+        "counts": {name: int(len(labels[name])) for name in SPLITS},
     }
     if classification:
-        meta["class_counts"] = {name: _class_counts(arrays[f"y_{name}"], num_classes) for name in SPLITS}
+        meta["class_counts"] = {name: _class_counts(labels[name], num_classes) for name in SPLITS}
     else:
-        targets = arrays["y_train"].astype(np.float64)
+        targets = labels["train"].astype(np.float64)
         meta["target"] = {"offset": float(targets.mean()), "scale": float(targets.std() or 1.0)}
-    return Prepared(arrays, meta)
+    return meta
 
 
-def _column_name(raw: RawDataset, column: int) -> str:
-    if raw.image_shape is not None:
+def prepared_format(params: PreprocessParams, source: RawSource) -> str:
+    """`preprocess.format` resolved: `auto` picks shards when the prepared inputs would pass `shards_above_mib`."""
+    if params.format != "auto":
+        return params.format
+    input_dtype, _ = _dtypes(source.task, source.image_shape is not None)
+    examples = len(source.y_train) + (0 if source.y_test is None else len(source.y_test))
+    size = examples * int(np.prod(source.input_shape)) * np.dtype(input_dtype).itemsize
+    return shards.SHARDS if size > params.shards_above_mib * 2**20 else "arrays"
+
+
+def write_shards(source: RawSource, params: PreprocessParams, dataset: str, directory: str | Path) -> dict[str, Any]:
+    """Stream `source` into shard files and meta.json, as one all-or-nothing folder; returns the meta.
+
+    Memory holds the labels, one chunk of inputs and one write buffer per split: it does not grow
+    with the inputs. The records equal the arrays `prepare` would write, in the same order, and
+    the statistics are computed over the same chunks, so both formats describe the same data bit
+    for bit.
+    """
+    shards.check_byte_order()
+    _check_float32_range(source, dataset)
+    classification = source.task == "classification"
+    plan = plan_splits(source.y_train, source.y_test is not None, params, classification)
+    input_dtype, label_dtype = _dtypes(source.task, source.image_shape is not None)
+    layout = shards.Layout(tuple(source.input_shape), np.dtype(input_dtype).name, np.dtype(label_dtype).name)
+    destination = np.full(len(source.y_train), -1, np.int8)  # split index per row of the train file; -1 = left out
+    for index, name in enumerate(SPLITS):
+        if getattr(plan, name) is not None:
+            destination[getattr(plan, name)] = index
+    with atomic_directory(directory) as temp:
+        writers = {name: shards.ShardWriter(temp, name, layout, params.shard_size) for name in SPLITS}
+
+        def route(chunks: Iterator[np.ndarray], labels: np.ndarray, split_of: np.ndarray | None, where: str) -> None:
+            """Each row of `chunks` to its split's writer (all to test when `split_of` is None)."""
+            start = 0
+            for chunk in chunks:
+                stop = start + len(chunk)
+                if stop > len(labels):
+                    break
+                for index, name in enumerate(SPLITS):
+                    rows = slice(None) if split_of is None else split_of[start:stop] == index
+                    if split_of is None and name != "test" or split_of is not None and not rows.any():
+                        continue
+                    writers[name].write(chunk[rows], labels[start:stop][rows])
+                start = stop
+            else:
+                if start == len(labels):
+                    return
+            raise DataError(f"{dataset}: the {where} file's inputs and labels differ in count ({len(labels)} labels); re-run the download stage")
+
+        route(source.train_inputs(), source.y_train, destination, "train")
+        if source.test_inputs is not None:
+            route(source.test_inputs(), source.y_test, None, "test")
+        listing = {name: writers[name].close() for name in SPLITS}
+        labels = {
+            name: (source.y_test if rows is None else source.y_train[rows]).astype(label_dtype)
+            for name, rows in (("train", plan.train), ("val", plan.val), ("test", plan.test))
+        }
+        meta: dict[str, Any] = {
+            shards.FORMAT_KEY: shards.SHARDS,
+            shards.RECORD_KEY: layout.to_meta(),
+            shards.FILES_KEY: {name: [[file, count] for file, count, _ in listing[name]] for name in SPLITS},
+            "input_shape": list(layout.input_shape),
+            "counts": {name: int(len(labels[name])) for name in SPLITS},
+        }
+        rows = stats_chunk_rows(layout.input_shape)
+        offset, scale = chunked_normalization_stats(
+            lambda: (inputs for inputs, _ in shards.iter_split(temp, meta, "train", rows)), layout.input_shape, params.normalization, source.image_shape is not None
+        )
+        meta.update(_meta(source, params, dataset, offset, scale, labels))
+        meta["sha256"] = {file: digest for name in SPLITS for file, _, digest in listing[name]}
+        meta = json.loads(json.dumps(meta))  # as load_prepared will read it back
+        write_json(temp / META_FILE, {**meta, META_HASH_KEY: stable_hash(meta)})
+    return meta
+
+
+def _column_name(source: RawSource | RawDataset, column: int) -> str:
+    if source.image_shape is not None:
         return f"channel {column}"
-    return f"column '{raw.feature_names[column]}'" if raw.feature_names else f"feature {column + 1}"
+    return f"column '{source.feature_names[column]}'" if source.feature_names else f"feature {column + 1}"
 
 
-def _check_float32_range(raw: RawDataset, dataset: str) -> None:
+def _check_float32_range(source: RawSource, dataset: str) -> None:
     """Tabular features and regression targets become float32: a value beyond its range would turn into inf."""
-    checks = []
-    if raw.image_shape is None:
-        checks += [(raw.x_train, "data row", None), (raw.x_test, "test row", None)]
-    if raw.task == "regression":
-        checks += [(raw.y_train, "data row", "the target"), (raw.y_test, "test row", "the target")]
-    for values, row_kind, label in checks:
-        if values is None or values.dtype.kind != "f":
-            continue
-        table = values.reshape(len(values), -1)
-        beyond = np.abs(table) > FLOAT32_MAX
-        if beyond.any():
-            row, column = (int(index[0]) for index in np.nonzero(beyond))
-            name = label or _column_name(raw, column)
-            raise DataError(
-                f"{dataset}: {name} holds {table[row, column]:g} at {row_kind} {row + 1}, beyond float32's range "
-                f"(±{FLOAT32_MAX:.4g}) that training computes in. Rescale that column (e.g. other units) or drop the row"
-            )
+    checks: list[tuple[Iterator[np.ndarray], str, str | None]] = []
+    if source.image_shape is None:
+        checks.append((source.train_inputs(), "data row", None))
+        if source.test_inputs is not None:
+            checks.append((source.test_inputs(), "test row", None))
+    if source.task == "regression":
+        checks += [(iter([source.y_train]), "data row", "the target")]
+        if source.y_test is not None:
+            checks.append((iter([source.y_test]), "test row", "the target"))
+    for chunks, row_kind, label in checks:
+        offset = 0
+        for values in chunks:
+            if values.dtype.kind != "f":
+                break
+            table = values.reshape(len(values), -1)
+            beyond = np.abs(table) > FLOAT32_MAX
+            if beyond.any():
+                row, column = (int(index[0]) for index in np.nonzero(beyond))
+                name = label or _column_name(source, column)
+                raise DataError(
+                    f"{dataset}: {name} holds {table[row, column]:g} at {row_kind} {offset + row + 1}, beyond float32's range "
+                    f"(±{FLOAT32_MAX:.4g}) that training computes in. Rescale that column (e.g. other units) or drop the row"
+                )
+            offset += len(values)
 
 
 def write_prepared(prepared: Prepared, directory: str | Path) -> None:
@@ -260,6 +413,12 @@ def load_prepared(directory: str | Path, verify: bool = True) -> Prepared:
     if verify and recorded != stable_hash(meta):
         raise DataError(f"{meta_path} changed after preprocess wrote it (its {META_HASH_KEY} does not match): {RERUN_PREPROCESS}")
     _check_meta(meta, meta_path)
+    if meta.get(shards.FORMAT_KEY) == shards.SHARDS:
+        # Every shard is hashed before training starts: a corrupt or missing one stops the run here.
+        shards.check_byte_order()
+        if verify:
+            shards.verify_files(directory, meta, SPLITS)
+        return Prepared({}, meta, directory)
     arrays = {}
     for file_name in ARRAY_FILES:
         path = directory / file_name
@@ -280,7 +439,11 @@ def _check_meta(meta: dict[str, Any], meta_path: Path) -> None:
         raise DataError(f"{meta_path}: {problem}: {RERUN_PREPROCESS}")
 
     hashes = meta.get("sha256")
-    if not isinstance(hashes, dict) or sorted(hashes) != sorted(ARRAY_FILES):
+    if meta.get(shards.FORMAT_KEY, "arrays") not in ("arrays", shards.SHARDS):
+        fail(f"{shards.FORMAT_KEY} is {meta.get(shards.FORMAT_KEY)!r}, not {shards.SHARDS} (an arrays folder has no such key)")
+    if meta.get(shards.FORMAT_KEY) == shards.SHARDS:
+        shards.check_meta(meta, SPLITS, fail)
+    elif not isinstance(hashes, dict) or sorted(hashes) != sorted(ARRAY_FILES):
         listed = sorted(hashes) if isinstance(hashes, dict) else hashes
         fail(f"sha256 must list exactly {', '.join(ARRAY_FILES)} (it lists {listed})")
     if meta.get("task") not in TASKS:

@@ -17,9 +17,9 @@ import keras
 import tensorflow as tf
 from tqdm import tqdm
 
-from tapework.batching import make_dataset, steps_per_epoch
+from tapework.batching import split_dataset, split_steps, worker_shards
 from tapework.checkpoint import TrainingState, open_store
-from tapework.distribute import configure_environment, distribute_dataset, is_chief, make_strategy
+from tapework.distribute import configure_environment, distribute_dataset, distribute_shards, is_chief, make_strategy, cluster_position
 from tapework.early_stopping import EarlyStopping
 from tapework.errors import DataError, NonFiniteLossError
 from tapework.loop import Evaluator, make_train_function, task_spec
@@ -30,6 +30,7 @@ from tapework.params import TrainParams, to_plain
 from tapework.precision import dtype_policy
 from tapework.preprocess import Prepared
 from tapework.runs import run_fingerprint, run_id
+from tapework.shards import split_files
 from tapework.tensorboard import SummaryWriters
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,16 @@ def train_epoch(train_function: Any, dataset: Any, steps: int, epoch: int, train
                 return skipped
 
 
+def epoch_dataset(data: Prepared, train_params: TrainParams, epoch: int, strategy: tf.distribute.Strategy | None, workers: int) -> Any:
+    """One epoch's training batches: a function of (seed, epoch), so a resumed run sees what an uninterrupted one saw."""
+    settings = {"seed": train_params.seed, "epoch": epoch, "drop_remainder": train_params.drop_remainder, "shuffle_buffer": train_params.shuffle_buffer}
+    if strategy is None:
+        return split_dataset(data, "train", train_params.batch_size, **settings)
+    if workers > 1:
+        return distribute_shards(strategy, lambda index: split_dataset(data, "train", train_params.batch_size // workers, worker=(index, workers), **settings))
+    return distribute_dataset(strategy, split_dataset(data, "train", train_params.batch_size, **settings))
+
+
 def train(
     train_params: TrainParams,
     data: Prepared,
@@ -112,13 +123,26 @@ def train(
     keras.mixed_precision.set_dtype_policy(dtype_policy(train_params.mixed_precision, gpu=bool(tf.config.list_physical_devices("GPU"))))
     meta = data.meta
     spec = task_spec(meta, train_params.label_smoothing)
-    x_train, y_train = data.split("train")
-    x_val, y_val = data.split("val")
-    steps = steps_per_epoch(len(x_train), train_params.batch_size, train_params.drop_remainder)
+    # Under multi_worker, sharded data is split by file: each worker reads its own shards (README, Scaling out).
+    worker, workers = cluster_position() if data.sharded and train_params.distribute == "multi_worker" else (0, 1)
+    if workers > 1:
+        if strategy.num_replicas_in_sync != workers:
+            raise DataError(
+                f"sharded data under multi_worker needs one replica per worker, but {workers} workers hold "
+                f"{strategy.num_replicas_in_sync} replicas; give each worker one device, or use preprocess.format: arrays"
+            )
+        if train_params.batch_size % workers:
+            raise DataError(
+                f"train.batch_size = {train_params.batch_size} does not split evenly over the {workers} workers that each "
+                f"read their own shards; use a multiple of {workers}"
+            )
+        own = worker_shards(split_files(data.meta, "train"), worker, workers)
+        log.info("worker %d of %d reads its own %d shard file(s), %d examples", worker, workers, len(own), sum(count for _, count in own))
+    steps = split_steps(data, "train", train_params.batch_size, train_params.drop_remainder, workers)
     if steps == 0:
         raise DataError(
             f"train.batch_size = {train_params.batch_size} with drop_remainder leaves no batch from "
-            f"{len(x_train)} training examples; lower train.batch_size"
+            f"{data.count('train')} training examples; lower train.batch_size"
         )
     if strategy is not None:
         log.info("distribute: %s with %d replica(s) in sync", train_params.distribute, strategy.num_replicas_in_sync)
@@ -150,7 +174,7 @@ def train(
     stopping = EarlyStopping(train_params.early_stopping, state)
     hparams = {"dataset": meta["dataset"], "train": to_plain(train_params)}
     writers = SummaryWriters(log_dir if chief else None, resumed=int(state.epoch) > 0, hparams=hparams)
-    val_dataset = make_dataset(x_val, y_val, train_params.batch_size)
+    val_dataset = split_dataset(data, "val", train_params.batch_size)
     epoch_seconds: list[float] = []
     try:
         # A resumed run that had already stopped early must not start training again.
@@ -158,9 +182,7 @@ def train(
             epoch = int(state.epoch) + 1
             started = time.perf_counter()
             train_metrics.reset()
-            dataset = make_dataset(x_train, y_train, train_params.batch_size, seed=train_params.seed, epoch=epoch, drop_remainder=train_params.drop_remainder)
-            if strategy is not None:
-                dataset = distribute_dataset(strategy, dataset)
+            dataset = epoch_dataset(data, train_params, epoch, strategy, workers)
             skipped = train_epoch(train_function, dataset, steps, epoch, train_params, train_metrics)
             if skipped:
                 log.warning("epoch %d: skipped %d step(s) with a non-finite loss", epoch, skipped)

@@ -15,6 +15,7 @@ TAPEWORK_LOGICAL_CPUS and TF_CONFIG in the environment as the run needs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -39,7 +40,21 @@ BATCH_SIZE = 32
 EXAMPLES = {"classification": 249, "regression": 256}
 
 
+def tiny_shards(task: str, directory: Path, shard_size: int) -> Prepared:
+    """tiny_data written as shards of `shard_size` examples (NumPy only, like tiny_data)."""
+    from tapework.preprocess import RawSource, load_prepared, write_shards
+
+    raw, dataset, preprocess = tiny_raw(task)
+    write_shards(RawSource.from_arrays(raw), dataclasses.replace(preprocess, shard_size=shard_size), dataset, directory)
+    return load_prepared(directory)
+
+
 def tiny_data(task: str) -> Prepared:
+    raw, dataset, preprocess = tiny_raw(task)
+    return prepare(raw, preprocess, dataset)
+
+
+def tiny_raw(task: str) -> tuple[RawDataset, str, Any]:
     """Digits (classification) or diabetes (regression) from scikit-learn; NumPy only, so no TF op runs yet."""
     if task == "classification":
         digits = load_digits()
@@ -52,7 +67,7 @@ def tiny_data(task: str) -> Prepared:
         raw = RawDataset(features, diabetes.target, None, None, task, (), tuple(diabetes.feature_names), None)
         dataset = "diabetes"
     preprocess = load_params(PARAMS_FILE, {"download.dataset": dataset, "preprocess.max_train_examples": EXAMPLES[task]}).preprocess
-    return prepare(raw, preprocess, dataset)
+    return raw, dataset, preprocess
 
 
 def train_tiny(
@@ -64,6 +79,8 @@ def train_tiny(
     checkpoint_dir: Path | None = None,
     log_dir: Path | None = None,
     stop_after_epochs: int | None = None,
+    data: Prepared | None = None,
+    learning_rate: float = 0.01,
 ) -> Any:
     """A tiny MLP (dropout 0, so replicas and a single device see the same function) for `epochs` epochs."""
     dataset = "digits" if task == "classification" else "diabetes"
@@ -74,7 +91,7 @@ def train_tiny(
             "train.model": "mlp",
             "train.epochs": epochs,
             "train.batch_size": BATCH_SIZE,
-            "train.learning_rate": 0.01,
+            "train.learning_rate": learning_rate,
             "train.mlp.hidden_units": [32],
             "train.mlp.dropout": 0.0,
             "train.steps_per_execution": steps_per_execution,
@@ -84,7 +101,7 @@ def train_tiny(
     ).train
     from tapework.training import train  # imported late: nothing may touch TF before train() configures devices
 
-    return train(train_params, tiny_data(task), checkpoint_dir=checkpoint_dir, log_dir=log_dir, stop_after_epochs=stop_after_epochs)
+    return train(train_params, data or tiny_data(task), checkpoint_dir=checkpoint_dir, log_dir=log_dir, stop_after_epochs=stop_after_epochs)
 
 
 def main() -> None:
@@ -96,6 +113,9 @@ def main() -> None:
     parser.add_argument("--checkpoint-dir", type=Path)
     parser.add_argument("--log-dir", type=Path)
     parser.add_argument("--stop-after-epochs", type=int)
+    parser.add_argument("--shards", type=Path, help="write tiny_data as shards here and train on them")
+    parser.add_argument("--shard-size", type=int, default=40)
+    parser.add_argument("--learning-rate", type=float, default=0.01)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")  # the test reads the replica count
 
@@ -106,6 +126,8 @@ def main() -> None:
         checkpoint_dir=args.checkpoint_dir,
         log_dir=args.log_dir,
         stop_after_epochs=args.stop_after_epochs,
+        data=tiny_shards(args.task, args.shards, args.shard_size) if args.shards else None,
+        learning_rate=args.learning_rate,
     )
     from tapework.models import weights_dict
     from tapework.training import is_chief

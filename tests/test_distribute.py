@@ -195,6 +195,25 @@ def test_multi_worker_resume_with_steps_per_execution_matches_single_device(refe
     assert_close_to(reference("classification"), weights, report["history"])
 
 
+@pytest.mark.timeout(300)
+def test_multi_worker_on_shards_reads_own_files_and_counts_each_example_once(tmp_path):
+    # 249 examples in shards of 40: worker 0 reads shards 0, 2, 4, 6 (129 examples), worker 1 shards 1, 3, 5 (120),
+    # so worker 1 runs out first and the distributed iterator must carry it through worker 0's last batches.
+    learning_rate = 1e-9  # the weights barely move: the epoch's train metrics are those of one fixed model over the split
+    args = ["--distribute", "multi_worker", "--shards", str(tmp_path / "shards"), "--shard-size", "40", "--learning-rate", str(learning_rate)]
+    texts = run_processes(tmp_path, worker_runs(args, tmp_path))
+    assert "worker 0 of 2 reads its own 4 shard file(s), 129 examples" in texts["worker0"]
+    assert "worker 1 of 2 reads its own 3 shard file(s), 120 examples" in texts["worker1"]
+    (_, chief), (_, other) = load_run(tmp_path / "worker0"), load_run(tmp_path / "worker1")
+    assert other["history"] == chief["history"]
+    single = train_tiny(learning_rate=learning_rate).history
+    for row, expected in zip(chief["history"], single, strict=True):
+        # Accuracy is a count over the split: equal only if every example counted exactly once.
+        assert row["train_accuracy"] == expected["train_accuracy"], row
+        assert row["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-5)
+        assert row["val_accuracy"] == expected["val_accuracy"]
+
+
 def nonfinite_steps_under_mirrored() -> None:
     """Body of the next test, run in a fresh process: only replica 1's half of one batch holds a NaN target.
 

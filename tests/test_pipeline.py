@@ -82,6 +82,26 @@ def test_dvc_repro_end_to_end_skip_diff_and_bitwise_rerun(repo_copy):
 
 
 @pytest.mark.slow
+def test_shards_run_end_to_end_under_dvc_repro_and_rerun_bitwise(repo_copy):
+    update_params(repo_copy / "params.yaml", {"preprocess.format": "shards", "preprocess.shard_size": 128, "train.shuffle_buffer": 200})
+    first = run(["dvc", "repro"], repo_copy)
+    assert all(f"Running stage '{stage}'" in first.stdout for stage in STAGES)
+    assert "prepared digits as shards" in first.stderr
+    meta = json.loads((repo_copy / "data/prepared/meta.json").read_text())
+    assert meta["format"] == "shards" and [name for name, _ in meta["shards"]["train"]] == ["train-00000.rec", "train-00001.rec", "train-00002.rec", "train-00003.rec"]
+    assert not list((repo_copy / "data/prepared").glob("*.npy"))
+    test_metrics = json.loads((repo_copy / "metrics/evaluate.json").read_text())["test"]
+    assert test_metrics["accuracy"] > 0.5
+    card = json.loads((repo_copy / "export/model/model_card.json").read_text())
+    assert card["input"]["value_range"] == [0, 16] and card["test_metrics"] == test_metrics
+    before = snapshot(repo_copy)
+    run(["dvc", "repro", "--force"], repo_copy)
+    after = snapshot(repo_copy)
+    for name in OUTPUTS:
+        assert before[name] == after[name], f"{name} differs between two runs on shards with the same params"
+
+
+@pytest.mark.slow
 def test_bad_params_fail_before_any_work_and_touch_nothing(repo_copy):
     update_params(repo_copy / "params.yaml", {"train.batch_size": 0})
     for stage in STAGES:
@@ -106,10 +126,18 @@ def _wait_for(repo: Path, pattern: str, process: subprocess.Popen, timeout: floa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["SIGKILL", "SIGTERM", "SIGINT"])
-def test_killed_train_resumes_to_bitwise_identical_result(repo_copy, kill):
-    update_params(repo_copy / "params.yaml", {"train.epochs": 30, "train.mlp.dropout": 0.3, "train.schedule": "cosine"})
+@pytest.mark.parametrize(
+    ("kill", "prepared_format"),
+    [(signal.SIGKILL, "arrays"), (signal.SIGTERM, "arrays"), (signal.SIGINT, "arrays"), (signal.SIGKILL, "shards")],
+    ids=["SIGKILL", "SIGTERM", "SIGINT", "SIGKILL-shards"],
+)
+def test_killed_train_resumes_to_bitwise_identical_result(repo_copy, kill, prepared_format):
+    changes = {"train.epochs": 30, "train.mlp.dropout": 0.3, "train.schedule": "cosine", "preprocess.format": prepared_format}
+    if prepared_format == "shards":  # 400 training examples in 7 shards, mixed by a buffer smaller than the split
+        changes |= {"preprocess.shard_size": 64, "train.shuffle_buffer": 100}
+    update_params(repo_copy / "params.yaml", changes)
     run(["dvc", "repro", "preprocess"], repo_copy)
+    assert len(list((repo_copy / "data/prepared").glob("train-*.rec"))) == (7 if prepared_format == "shards" else 0)
     run(stage_command("train", repo_copy), repo_copy)
     reference = {name: (repo_copy / name).read_bytes() for name in ("models/model.weights.npz", "metrics/train.json", "metrics/train_history.tsv")}
     for name in ("checkpoints", "models", "metrics"):

@@ -13,7 +13,7 @@ def main() -> None:
     paths = stage_paths("preprocess", raw="the download stage's folder", prepared="output folder for the arrays and meta.json")
     params = load_params(PARAMS_FILE)
     with exclusive("preprocess", [paths.prepared]):  # a second writer would clear this one's temp folder
-        raw = load_raw(params.download.dataset, paths.raw, params.download.csv)
+        raw = load_raw(params.download, paths.raw)
         prepared = prepare(raw, params.preprocess, params.download.dataset)
         write_prepared(prepared, paths.prepared)
     logging.getLogger("tapework").info("prepared %s: %s", params.download.dataset, prepared.meta["counts"])

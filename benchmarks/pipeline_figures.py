@@ -45,7 +45,7 @@ from tools.workspace import ROOT, SHARED_DATA, copy_project, tool_env  # noqa: E
 
 # Runs in a fresh interpreter: the stage's three calls, timed, then this process's own RSS figures.
 PREPROCESS_CHILD = r"""
-import json, resource, sys, time
+import dataclasses, json, resource, sys, time
 def rss_kib():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
@@ -56,7 +56,7 @@ from tapework.preprocess import prepare, write_prepared
 params = load_params(sys.argv[1])
 after_imports = rss_kib()
 t0 = time.perf_counter()
-raw = load_raw("fashion_mnist", sys.argv[2], params.download.csv)
+raw = load_raw(dataclasses.replace(params.download, dataset="fashion_mnist"), sys.argv[2])
 t1 = time.perf_counter()
 prepared = prepare(raw, params.preprocess, "fashion_mnist")
 t2 = time.perf_counter()

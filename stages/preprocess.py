@@ -3,10 +3,10 @@
 import logging
 
 from tapework.cli import PARAMS_FILE, run_stage, stage_paths
-from tapework.datasets import load_raw
+from tapework.datasets import stream_raw
 from tapework.outputs import exclusive
 from tapework.params import load_params
-from tapework.preprocess import RawSource, prepare, prepared_format, write_prepared, write_shards
+from tapework.preprocess import prepare, prepared_format, write_prepared, write_shards
 
 
 def main() -> None:
@@ -14,7 +14,7 @@ def main() -> None:
     params = load_params(PARAMS_FILE)
     dataset = params.download.dataset
     with exclusive("preprocess", [paths.prepared]):  # a second writer would clear this one's temp folder
-        source = RawSource.from_arrays(load_raw(dataset, paths.raw, params.download.csv))
+        source = stream_raw(params.download, paths.raw)  # inputs streamed where the format allows (IDX)
         kind = prepared_format(params.preprocess, source)
         if kind == "arrays":
             prepared = prepare(source.materialize(), params.preprocess, dataset)

@@ -41,7 +41,9 @@ def split_metrics(task: str) -> tuple[str, ...]:
 
 # How a data set's raw files become arrays. Each format has one fetch and one load function in
 # tapework/datasets.py (a test checks that every format here has both).
-FORMATS = ("sklearn", "idx", "cifar10_binary", "california_housing", "csv")
+# idx_params: the IDX layout of `idx`, with pins, class names and image shape from download.idx
+# (params.yaml) and the files' headers instead of this catalogue.
+FORMATS = ("sklearn", "idx", "cifar10_binary", "california_housing", "csv", "idx_params")
 
 
 @dataclass(frozen=True)
@@ -64,10 +66,11 @@ class DatasetSpec:
     image_shape: tuple[int, int, int] | None = None  # (height, width, channels); None = tabular
     target_name: str | None = None  # regression: what the target is
     target_units: str | None = None  # regression: the target's units
+    images_from_files: bool = False  # images whose shape the files' headers give (image_shape None until loaded)
 
     @property
     def input_kind(self) -> str:
-        return "image" if self.image_shape is not None else "tabular"
+        return "image" if self.image_shape is not None or self.images_from_files else "tabular"
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,8 @@ _DATASET_LIST = (
         target_name="median house value of a block group", target_units="US dollars (1990 census)",
     ),
     DatasetSpec("csv", None, "csv"),  # task, target and columns come from download.csv
+    # MNIST-style IDX files of the user's own: path, pins and class names from download.idx.
+    DatasetSpec("idx", "classification", "idx_params", images_from_files=True),
 )
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in _DATASET_LIST}
 

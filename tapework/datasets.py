@@ -1,4 +1,5 @@
-"""`fetch_dataset` (verified raw files -> data/raw) and `load_raw` (data/raw -> arrays), per file format.
+"""`fetch_dataset` (verified raw files -> data/raw), `load_raw` (data/raw -> arrays) and `stream_raw`
+(data/raw -> a RawSource read in chunks), per file format.
 
 What each data set is (task, files, pins, classes) is its entry in tapework/catalogue.py; this
 module holds one fetch and one load function per `catalogue.FORMATS` entry.
@@ -7,8 +8,10 @@ module holds one fetch and one load function per `catalogue.FORMATS` entry.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -22,13 +25,16 @@ from tapework.catalogue import DATASETS, IDX_FILES, DatasetSpec
 from tapework.download import cache_path, download_file, effective_mirror, local_path, prepare_cache, resolve_url, safe_extract, url_scheme
 from tapework.errors import DataError, DownloadError
 from tapework.io import clear_stale, file_digest, held_temp, load_npz, read_json, save_npz, temp_pattern, write_json
-from tapework.params import CsvParams, DownloadParams, ParamsError
-from tapework.preprocess import RawDataset
+from tapework.params import DownloadParams, IdxParams, ParamsError
+from tapework.preprocess import RawDataset, RawSource
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CSV_FILE = "data.csv"
+# download.idx.sha256's key for each of catalogue.IDX_FILES, in that order.
+IDX_PIN_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+IDX_CHUNK_BYTES = 8 << 20  # pixels per chunk when stream_raw streams IDX images
 RERUN = "Rerun the download stage (`dvc repro download` or `python stages/download.py`)."
 
 
@@ -178,22 +184,93 @@ def _fetch_csv(spec: DatasetSpec, params: DownloadParams, stage: Path) -> dict[s
     return {CSV_FILE: {"url": csv.path, "sha256": file_digest(stage / CSV_FILE)}}
 
 
-def load_raw(dataset: str, raw_dir: Path, csv: CsvParams) -> RawDataset:
-    """Verify `raw_dir`'s manifest hashes, then parse the raw files into arrays."""
-    spec = dataset_spec(dataset)
-    raw_dir = Path(raw_dir)
-    _verify_manifest(dataset, spec, raw_dir, csv)
-    return _FORMATS[spec.format][1](raw_dir, spec, csv)
+def _fetch_idx_params(spec: DatasetSpec, params: DownloadParams, stage: Path) -> dict[str, Any]:
+    """The four canonical IDX files from download.idx.path, each verified against its download.idx.sha256 pin.
+
+    As for csv, the pins are required for local files too: DVC sees params.yaml, not the files.
+    """
+    idx = params.idx
+    if not idx.path:
+        raise ParamsError(f"params.yaml: download.idx.path is empty: the idx data set needs a folder or base URL holding {', '.join(IDX_FILES)}.")
+    remote = url_scheme(idx.path) in ("http", "https")
+    pins = dict(zip(IDX_FILES, _idx_pins(idx), strict=True))
+    if not remote:
+        folder = local_path(idx.path, url_scheme(idx.path))
+        missing = [name for name in IDX_FILES if not (folder / name).is_file()]
+        if missing:
+            raise DataError(f"{idx.path}: has no {missing[0]}. Fix download.idx.path in params.yaml: a folder holding {', '.join(IDX_FILES)}.")
+        current = {name: file_digest(folder / name) for name in IDX_FILES}
+        if not all(pins.values()):
+            raise ParamsError(
+                f"params.yaml: download.idx.sha256 is not set for every file; pin the files: set "
+                f"{_idx_pin_text(current)} under download.idx.sha256 (their SHA-256 in {idx.path} now). "
+                "After editing a file, paste its new hash there."
+            )
+        for key, name in zip(IDX_PIN_KEYS, IDX_FILES, strict=True):
+            if current[name] != pins[name]:
+                raise DataError(
+                    f"{folder / name}: SHA-256 {current[name]} differs from download.idx.sha256.{key} {pins[name]}: the file changed. "
+                    f"If the change is intended, set `{key}: {current[name]}` under download.idx.sha256 in params.yaml; else restore the file."
+                )
+    elif not all(pins.values()):
+        raise ParamsError(
+            f"params.yaml: download.idx.sha256 is not set for every file but download.idx.path = '{idx.path}' is an http(s) URL; "
+            f"pin each file's SHA-256 (`sha256sum FILE`) under download.idx.sha256 ({', '.join(IDX_PIN_KEYS)})."
+        )
+    sources = {}
+    for name, pin in pins.items():
+        source = resolve_url(name, idx.path)
+        if remote:
+            prepare_cache()
+            source = str(download_file(source, cache_path(pin, name), pin, **_fetch_kwargs(params)))
+        download_file(source, stage / name, pin, **_fetch_kwargs(params), progress=False)
+        sources[name] = {"url": resolve_url(name, idx.path), "sha256": pin}
+    return sources
 
 
-def _verify_manifest(dataset: str, spec: DatasetSpec, raw_dir: Path, csv: CsvParams) -> None:
+def _idx_pins(idx: IdxParams) -> tuple[str, ...]:
+    """download.idx.sha256 in catalogue.IDX_FILES order."""
+    return tuple(getattr(idx.sha256, key) for key in IDX_PIN_KEYS)
+
+
+def _idx_pin_text(digests: dict[str, str]) -> str:
+    """`train_images: <hash>`, ... for each IDX file: the lines to paste under download.idx.sha256."""
+    return ", ".join(f"`{key}: {digests[name]}`" for key, name in zip(IDX_PIN_KEYS, IDX_FILES, strict=True))
+
+
+def load_raw(download: DownloadParams, raw_dir: Path) -> RawDataset:
+    """Verify `raw_dir`'s manifest hashes, then parse the raw files of data set download.dataset into arrays."""
+    spec, raw_dir = dataset_spec(download.dataset), Path(raw_dir)
+    _verify_manifest(spec, raw_dir, download)
+    return _FORMATS[spec.format][1](raw_dir, spec, download)
+
+
+def stream_raw(download: DownloadParams, raw_dir: Path) -> RawSource:
+    """As `load_raw`, but a RawSource: IDX images are streamed from their files in chunks of about
+    IDX_CHUNK_BYTES pixels (labels read whole); any other format is loaded whole, as one chunk.
+
+    `stream_raw(...).materialize()` equals `load_raw(...)`.
+    """
+    spec, raw_dir = dataset_spec(download.dataset), Path(raw_dir)
+    _verify_manifest(spec, raw_dir, download)
+    if spec.format in ("idx", "idx_params"):
+        train, test, class_names, image_shape = _open_idx(raw_dir, spec, download)
+        return RawSource(
+            train.labels, test.labels, train.chunks, test.chunks, image_shape, np.dtype(np.uint8),
+            "classification", class_names, None, image_shape,
+        )
+    return RawSource.from_arrays(_FORMATS[spec.format][1](raw_dir, spec, download))
+
+
+def _verify_manifest(spec: DatasetSpec, raw_dir: Path, download: DownloadParams) -> None:
     """Check `raw_dir` before anything parses it: each pinned file against its pin, then the manifest's hashes.
 
     The manifest is a record, not an authority: a file the loader reads must be listed in it,
     a file it does not list is refused, and a pinned file (catalogue pins; data.csv against
-    download.csv.sha256) must match its pin whatever the manifest says, so that editing the
-    manifest cannot switch a check off.
+    download.csv.sha256; the idx data set's files against download.idx.sha256) must match its pin
+    whatever the manifest says, so that editing the manifest cannot switch a check off.
     """
+    dataset, csv = download.dataset, download.csv
     path = raw_dir / MANIFEST
     if not path.is_file():
         raise DataError(f"{path}: not found. {RERUN}")
@@ -209,6 +286,11 @@ def _verify_manifest(dataset: str, spec: DatasetSpec, raw_dir: Path, csv: CsvPar
         pins = {}  # the pinned archive is unpacked, not kept; its members are checked against the manifest
     if spec.format == "csv" and csv.sha256:
         pins[CSV_FILE] = (csv.sha256, "download.csv.sha256")
+    if spec.format == "idx_params":
+        empty = [key for key, pin in zip(IDX_PIN_KEYS, _idx_pins(download.idx), strict=True) if not pin]
+        if empty:
+            raise ParamsError(f"params.yaml: download.idx.sha256.{empty[0]} is empty; pin every IDX file (the download stage prints the hashes to paste).")
+        pins.update({name: (pin, f"download.idx.sha256.{key}") for key, name, pin in zip(IDX_PIN_KEYS, IDX_FILES, _idx_pins(download.idx), strict=True)})
     for name, (pin, source) in sorted(pins.items()):  # first, so that no manifest edit can skip them
         _check_digest(raw_dir / name, pin, source)
     for remote in spec.files:  # a manifest from an older pin must not pass as current
@@ -242,32 +324,76 @@ def _read_by_loader(spec: DatasetSpec) -> tuple[str, ...]:
         return (*CIFAR10_TRAIN, CIFAR10_TEST)
     if spec.format == "csv":
         return (CSV_FILE,)
+    if spec.format == "idx_params":
+        return IDX_FILES
     return tuple(remote.name for remote in spec.files)
 
 
-def _load_bundled(raw_dir: Path, spec: DatasetSpec, csv: CsvParams) -> RawDataset:
+def _load_bundled(raw_dir: Path, spec: DatasetSpec, download: DownloadParams) -> RawDataset:
     arrays = load_npz(raw_dir / f"{spec.name}.npz")
     names = tuple(str(item) for item in arrays["feature_names"]) if "feature_names" in arrays else None
     return RawDataset(arrays["x"], arrays["y"], None, None, spec.task or "", spec.class_names, names, spec.image_shape)
 
 
-def _load_idx(raw_dir: Path, spec: DatasetSpec, csv: CsvParams) -> RawDataset:
-    def split(images_name: str, labels_name: str) -> tuple[np.ndarray, np.ndarray]:
-        images = parsers.parse_idx(raw_dir / images_name)
-        labels = parsers.parse_idx(raw_dir / labels_name)
-        parsers.check_counts(images, labels, name=f"{raw_dir / images_name} / {labels_name}")
-        height, width, _ = spec.image_shape
-        if images.ndim != 3 or labels.ndim != 1 or images.shape[1:] != (height, width):
-            raise DataError(f"{raw_dir / images_name}: shape {images.shape}, expected (N, {height}, {width}). {RERUN}")
-        _check_labels(labels, spec, raw_dir / labels_name)
-        return images[..., np.newaxis], labels.astype(np.int64)
+@dataclasses.dataclass(frozen=True, eq=False)
+class _IdxSplit:
+    """One split of an IDX data set: its labels read and checked, its images' header read."""
 
-    x_train, y_train = split(IDX_FILES[0], IDX_FILES[1])
-    x_test, y_test = split(IDX_FILES[2], IDX_FILES[3])
-    return RawDataset(x_train, y_train, x_test, y_test, "classification", spec.class_names, None, spec.image_shape)
+    labels: np.ndarray  # int64 (N,)
+    images: parsers.IdxStream
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """The images in chunks of rows, (n, H, W, 1), read afresh on each call."""
+        return (chunk[..., np.newaxis] for chunk in self.images)
+
+    def whole(self) -> np.ndarray:
+        """Every image at once, (N, H, W, 1)."""
+        images = parsers.parse_idx(self.images.path)
+        if images.shape != self.images.dims:
+            raise DataError(f"{self.images.path}: its IDX header changed from {self.images.dims} to {images.shape} while it was read. {RERUN}")
+        return images[..., np.newaxis]
 
 
-def _load_cifar10(raw_dir: Path, spec: DatasetSpec, csv: CsvParams) -> RawDataset:
+def _idx_split(raw_dir: Path, images_name: str, labels_name: str, shape: tuple[int, int] | None) -> _IdxSplit:
+    """Labels parsed whole and the images' header read; counts and shapes checked before any pixel is read."""
+    labels = parsers.parse_idx(raw_dir / labels_name)
+    first = parsers.iter_idx(raw_dir / images_name, 1)
+    dims = first.dims
+    parsers.check_counts(dims[0], labels, name=f"{raw_dir / images_name} / {labels_name}")
+    if len(dims) != 3 or labels.ndim != 1 or (shape is not None and dims[1:] != shape):
+        expected = "height, width" if shape is None else f"{shape[0]}, {shape[1]}"
+        raise DataError(f"{raw_dir / images_name}: shape {dims}, expected (N, {expected}) images with (N,) labels. {RERUN}")
+    rows = max(1, IDX_CHUNK_BYTES // math.prod(dims[1:]))
+    return _IdxSplit(labels.astype(np.int64), dataclasses.replace(first, rows_per_chunk=rows))
+
+
+def _open_idx(raw_dir: Path, spec: DatasetSpec, download: DownloadParams) -> tuple[_IdxSplit, _IdxSplit, tuple[str, ...], tuple[int, int, int]]:
+    """Both splits of an IDX data set (labels read, images' headers read, every check done), its class names and image shape."""
+    shape = None if spec.image_shape is None else spec.image_shape[:2]
+    train = _idx_split(raw_dir, IDX_FILES[0], IDX_FILES[1], shape)
+    test = _idx_split(raw_dir, IDX_FILES[2], IDX_FILES[3], train.images.dims[1:])
+    if spec.format == "idx":
+        class_names, fix = spec.class_names, RERUN
+    elif download.idx.class_names:
+        class_names = download.idx.class_names
+        fix = f"download.idx.class_names names {len(class_names)} classes: give one name per label, or [] for 0..K-1."
+    else:
+        top = max(int(split.labels.max()) for split in (train, test))
+        class_names, fix = tuple(str(label) for label in range(top + 1)), ""
+        if len(class_names) < 2:
+            raise DataError(f"{raw_dir / IDX_FILES[1]}: every label is 0; classification needs at least two classes. Check the labels files.")
+    for split, name in ((train, IDX_FILES[1]), (test, IDX_FILES[3])):
+        if int(split.labels.max()) >= len(class_names):
+            raise DataError(f"{raw_dir / name}: label {int(split.labels.max())} outside 0..{len(class_names) - 1}. {fix}")
+    return train, test, class_names, (*train.images.dims[1:], 1)
+
+
+def _load_idx(raw_dir: Path, spec: DatasetSpec, download: DownloadParams) -> RawDataset:
+    train, test, class_names, image_shape = _open_idx(raw_dir, spec, download)
+    return RawDataset(train.whole(), train.labels, test.whole(), test.labels, "classification", class_names, None, image_shape)
+
+
+def _load_cifar10(raw_dir: Path, spec: DatasetSpec, download: DownloadParams) -> RawDataset:
     batches = [parsers.parse_cifar10_binary(raw_dir / name) for name in CIFAR10_TRAIN]
     x_train = np.concatenate([images for images, _ in batches])
     y_train = np.concatenate([labels for _, labels in batches])
@@ -275,13 +401,13 @@ def _load_cifar10(raw_dir: Path, spec: DatasetSpec, csv: CsvParams) -> RawDatase
     return RawDataset(x_train, y_train, x_test, y_test, "classification", spec.class_names, None, spec.image_shape)
 
 
-def _load_california(raw_dir: Path, spec: DatasetSpec, csv: CsvParams) -> RawDataset:
+def _load_california(raw_dir: Path, spec: DatasetSpec, download: DownloadParams) -> RawDataset:
     x, y, names = parsers.parse_california_housing(raw_dir / spec.files[0].name)
     return RawDataset(x, y, None, None, "regression", (), names, None)
 
 
-def _load_csv(raw_dir: Path, spec: DatasetSpec, csv: CsvParams) -> RawDataset:
-    path = raw_dir / CSV_FILE
+def _load_csv(raw_dir: Path, spec: DatasetSpec, download: DownloadParams) -> RawDataset:
+    csv, path = download.csv, raw_dir / CSV_FILE
     x, target, names = parsers.parse_csv(path, csv.target)
     if csv.task == "regression":
         if target.dtype.kind not in "biuf":
@@ -296,13 +422,8 @@ def _load_csv(raw_dir: Path, spec: DatasetSpec, csv: CsvParams) -> RawDataset:
     return RawDataset(x, y.astype(np.int64), None, None, "classification", class_names, names, None)
 
 
-def _check_labels(labels: np.ndarray, spec: DatasetSpec, where: Path) -> None:
-    if labels.size and int(labels.max()) >= len(spec.class_names):
-        raise DataError(f"{where}: label {int(labels.max())} outside 0..{len(spec.class_names) - 1}. {RERUN}")
-
-
 Fetch = Callable[[DatasetSpec, DownloadParams, Path], dict[str, Any]]
-Load = Callable[[Path, DatasetSpec, CsvParams], RawDataset]
+Load = Callable[[Path, DatasetSpec, DownloadParams], RawDataset]
 # One (fetch, load) pair per catalogue.FORMATS entry.
 _FORMATS: dict[str, tuple[Fetch, Load]] = {
     "sklearn": (_write_bundled, _load_bundled),
@@ -310,4 +431,5 @@ _FORMATS: dict[str, tuple[Fetch, Load]] = {
     "cifar10_binary": (_fetch_remote, _load_cifar10),
     "california_housing": (_fetch_remote, _load_california),
     "csv": (_fetch_csv, _load_csv),
+    "idx_params": (_fetch_idx_params, _load_idx),
 }

@@ -17,7 +17,7 @@ from keras import layers, ops
 from tapework import catalogue
 from tapework.errors import DataError
 from tapework.io import load_npz, read_json, save_npz, write_json
-from tapework.params import TrainParams, to_plain
+from tapework.params import ParamsError, TrainParams, to_plain
 
 CONFIG_FILE = "model.json"  # the builder's arguments
 WEIGHTS_FILE = "model.weights.npz"  # every model variable, deterministic bytes
@@ -171,7 +171,8 @@ class VisionTransformer(keras.Model):
         super().__init__()
         height, width, _ = input_shape
         if height % patch_size or width % patch_size:
-            raise ValueError(f"train.vit.patch_size = {patch_size} must divide the image size {height}x{width}")
+            # params validation cannot check this for the idx data set: its image size is in the files' headers
+            raise ParamsError(f"params.yaml: train.vit.patch_size = {patch_size} is invalid: must divide the {height}x{width} images of the prepared data. Fix `train.vit.patch_size` in params.yaml.")
         self.num_patches = (height // patch_size) * (width // patch_size)
         self.standardize = standardize
         # A conv with stride = kernel = patch size is exactly "split into patches + linear projection".

@@ -49,6 +49,21 @@ class CsvParams:
 
 
 @dataclass(frozen=True)
+class IdxPinsParams:
+    train_images: str = _spec(sha256=True, help="SHA-256 of train-images-idx3-ubyte.gz")
+    train_labels: str = _spec(sha256=True, help="SHA-256 of train-labels-idx1-ubyte.gz")
+    test_images: str = _spec(sha256=True, help="SHA-256 of t10k-images-idx3-ubyte.gz")
+    test_labels: str = _spec(sha256=True, help="SHA-256 of t10k-labels-idx1-ubyte.gz")
+
+
+@dataclass(frozen=True)
+class IdxParams:
+    path: str = _spec(help="folder, file:// or http(s):// base URL holding the four canonical IDX file names")
+    sha256: IdxPinsParams = _spec(help="each file's pin; the download stage refuses empty ones and prints the hashes to paste")
+    class_names: tuple[str, ...] = _spec(distinct=True, help='names in label order; [] = "0".."K-1", K = largest label + 1')
+
+
+@dataclass(frozen=True)
 class DownloadParams:
     dataset: str = _spec(choices=tuple(catalogue.DATASETS))
     mirror: str = _spec(help="base URL or folder replacing the canonical host; env TAPEWORK_MIRROR wins")
@@ -57,6 +72,7 @@ class DownloadParams:
     timeout_seconds: float = _spec(min=0.1, max=600.0, min_exclusive=False)
     deadline_seconds: float = _spec(min=0.0, max=86_400.0, min_exclusive=True, help="whole download of one file, retries included")
     csv: CsvParams = _spec()
+    idx: IdxParams = _spec()
 
 
 @dataclass(frozen=True)
@@ -281,6 +297,12 @@ def _check_value(key: str, value: Any, annotation: Any, rules: dict[str, Any]) -
         if rules.get("sha256") and value and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
             _fail(key, value, "must be empty or 64 lowercase hexadecimal digits (a SHA-256)")
         return value
+    if annotation == tuple[str, ...]:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) and item for item in value):
+            _fail(key, value, "expected a list of non-empty strings, e.g. [cat, dog]")
+        if rules.get("distinct") and len(set(value)) != len(value):
+            _fail(key, list(value), "each entry must appear once")
+        return tuple(value)
     if typing.get_origin(annotation) is tuple:
         if isinstance(value, int) and not isinstance(value, bool):
             value = [value]
@@ -335,6 +357,10 @@ def _cross_check(params: Params) -> None:
     dataset = params.download.dataset
     if dataset == "csv" and not params.download.csv.path:
         _fail("download.csv.path", "", "the csv data set needs a path or URL")
+    if dataset == "idx" and not params.download.idx.path:
+        _fail("download.idx.path", "", "the idx data set needs a folder or base URL holding its four IDX files")
+    if len(params.download.idx.class_names) == 1:
+        _fail("download.idx.class_names", list(params.download.idx.class_names), "classification needs at least two classes; give two or more names, or [] for 0..K-1")
     family, spec = catalogue.MODELS[train.model], catalogue.DATASETS[dataset]
     if task not in family.tasks:
         _fail("train.model", train.model, f"it serves {'/'.join(family.tasks)} but data set '{dataset}' is a {task} task")
@@ -344,6 +370,7 @@ def _cross_check(params: Params) -> None:
     if train.model == "vit":
         if train.vit.embed_dim % train.vit.num_heads:
             _fail("train.vit.num_heads", train.vit.num_heads, f"must divide train.vit.embed_dim = {train.vit.embed_dim}")
+    if train.model == "vit" and spec.image_shape is not None:  # None: the shape is in the files' headers (idx)
         height, width, _ = spec.image_shape
         if height % train.vit.patch_size or width % train.vit.patch_size:
             _fail("train.vit.patch_size", train.vit.patch_size, f"must divide the {height}x{width} images of '{dataset}'")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import io
 import math
 import struct
+import typing
 import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -20,6 +24,7 @@ IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 # Most bytes an IDX file may inflate to: 40x Fashion-MNIST's train images (47 MB), far below a gzip bomb's gigabytes.
 MAX_IDX_BYTES = 2**31
+IDX_READ_BYTES = 1 << 20  # file bytes read per step of an IDX file: its memory is one chunk, not the file
 CIFAR_IMAGE_SHAPE = (3, 32, 32)  # stored channel-major: all red, then green, then blue
 CIFAR_RECORD_BYTES = 1 + math.prod(CIFAR_IMAGE_SHAPE)
 CIFAR_NUM_CLASSES = 10
@@ -50,87 +55,198 @@ def _read(source: Source, name: str | None) -> tuple[bytes, str]:
         raise DataError(f"{path}: cannot read it ({error.strerror}). Rerun the download stage.") from error
 
 
+@contextlib.contextmanager
+def _open(source: Source, name: str | None) -> Iterator[tuple[BinaryIO, str]]:
+    """A binary stream over `source` (bytes or a path) and the name errors give it."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        yield io.BytesIO(source), name or "<bytes>"
+        return
+    path = Path(source)
+    try:
+        stream = path.open("rb")
+    except OSError as error:
+        raise DataError(f"{path}: cannot read it ({error.strerror}). Rerun the download stage.") from error
+    with stream:
+        yield stream, name or str(path)
+
+
+class _IdxData:
+    """One IDX file read front to back in pieces (gzip inflated on the way), its header parsed and checked.
+
+    `read_into` hands out the data bytes; `finish` checks what follows them. Never inflates more
+    than is asked for (plus one byte to see excess), so a gzip bomb costs what its header allows.
+    """
+
+    def __init__(self, stream: BinaryIO, where: str) -> None:
+        self.stream, self.where = stream, where
+        self.pending = stream.read(IDX_READ_BYTES)  # file bytes read but not yet handed out (gzip: not yet inflated)
+        self.inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS) if self.pending[:2] == b"\x1f\x8b" else None  # 16+: gzip, with its CRC
+        self.dims = self._header()
+        self.size = math.prod(self.dims)  # data bytes after the header
+        self.header_bytes = 4 + 4 * len(self.dims)
+        if self.inflater is not None and self.header_bytes + self.size > MAX_IDX_BYTES:
+            raise DataError(
+                f"{where}: its IDX header claims {self.header_bytes + self.size:,} bytes of data, more than the {MAX_IDX_BYTES:,} "
+                f"this parser inflates; not an MNIST-style file. {REFETCH}"
+            )
+        if self.inflater is None:  # a raw file's length is known now: refuse a wrong one before any data is read
+            follow = len(self.pending) + _rest(stream)
+            if follow != self.size:
+                self._wrong_length(follow)
+
+    def _header(self) -> tuple[int, ...]:
+        head = self._read(4)
+        if len(head) < 4:
+            self._short(f"{len(head)} bytes is too short for an IDX header")
+        magic = int.from_bytes(head, "big")
+        if magic not in (IDX_LABELS_MAGIC, IDX_IMAGES_MAGIC):
+            raise DataError(
+                f"{self.where}: bad IDX magic number 0x{magic:08x}; expected 0x{IDX_LABELS_MAGIC:08x} (labels) or "
+                f"0x{IDX_IMAGES_MAGIC:08x} (images). This is not an MNIST-style IDX file: check the data set and mirror."
+            )
+        ndim = head[3]
+        packed = self._read(4 * ndim)
+        if len(packed) < 4 * ndim:
+            self._short(f"truncated IDX header ({4 + len(packed)} of {4 + 4 * ndim} bytes)")
+        dims = struct.unpack(f">{ndim}I", packed)
+        if 0 in dims:
+            raise DataError(f"{self.where}: IDX dimensions {dims} hold no data. {REFETCH}")
+        return dims
+
+    def _short(self, problem: str) -> typing.NoReturn:
+        """The data ended early: a gzip stream cut before its end marker says so, else `problem`."""
+        if self.inflater is not None and not self.inflater.eof:
+            raise DataError(f"{self.where}: corrupt gzip stream (it ends before its end marker). {REFETCH}")
+        raise DataError(f"{self.where}: {problem}. {REFETCH}")
+
+    def _wrong_length(self, follow: int) -> typing.NoReturn:
+        if follow < self.size:
+            self._short(f"truncated: dimensions {self.dims} need {self.size} bytes but {follow} follow")
+        raise DataError(f"{self.where}: {follow - self.size} unexpected trailing bytes after {self.dims} of data. {REFETCH}")
+
+    def _next(self, limit: int) -> bytes:
+        """Up to `limit` (> 0) further data bytes; b"" at the end of the data."""
+        if self.inflater is None:
+            if not self.pending:
+                self.pending = self.stream.read(max(limit, IDX_READ_BYTES))
+            piece, self.pending = self.pending[:limit], self.pending[limit:]
+            return piece
+        while not self.inflater.eof:
+            if not self.pending:
+                self.pending = self.stream.read(IDX_READ_BYTES)
+                if not self.pending:
+                    return b""
+            try:  # a zlib error includes a CRC or length mismatch, found when the end marker is reached
+                piece = self.inflater.decompress(self.pending, min(limit, IDX_READ_BYTES))  # bounded: one piece held at a time
+            except zlib.error as error:
+                raise DataError(f"{self.where}: corrupt gzip stream ({error}). {REFETCH}") from error
+            # Past the end marker the rest of the input is `unused_data` (zlib may leave it in the tail too).
+            self.pending = b"" if self.inflater.eof else self.inflater.unconsumed_tail
+            if piece:
+                return piece
+        return b""
+
+    def _read(self, size: int) -> bytes:
+        pieces, got = [], 0
+        while got < size and (piece := self._next(size - got)):
+            pieces.append(piece)
+            got += len(piece)
+        return b"".join(pieces)
+
+    def read_into(self, out: np.ndarray, done: int) -> None:
+        """Fill the uint8 array `out` with the next data bytes; `done` data bytes were read before them."""
+        view, filled = memoryview(out.reshape(-1)), 0
+        if self.inflater is None:  # straight into the array: no intermediate copy
+            piece = self.pending[: len(view)]
+            view[: len(piece)], filled, self.pending = piece, len(piece), self.pending[len(piece) :]
+            while filled < len(view) and (count := self.stream.readinto(view[filled:])):
+                filled += count
+        else:
+            while filled < len(view) and (piece := self._next(len(view) - filled)):
+                view[filled : filled + len(piece)] = piece
+                filled += len(piece)
+        if filled < len(view):
+            self._wrong_length(done + filled)
+
+    def finish(self) -> None:
+        """After all the data: nothing may follow it, and a gzip stream must end here, intact."""
+        if self._next(1):  # one byte past the end shows excess without inflating it
+            if self.inflater is None:
+                self._wrong_length(self.size + 1 + len(self.pending) + _rest(self.stream))
+            raise DataError(
+                f"{self.where}: the gzip stream holds more than the {self.header_bytes + self.size:,} bytes its IDX header "
+                f"describes; stopped inflating there (a gzip bomb or a wrong file). {REFETCH}"
+            )
+        if self.inflater is not None:
+            if not self.inflater.eof:
+                self._short("")
+            extra = len(self.inflater.unused_data) + len(self.pending) + _rest(self.stream)
+            if extra:
+                raise DataError(f"{self.where}: {extra} bytes follow the gzip stream's end. {REFETCH}")
+
+
+def _rest(stream: BinaryIO) -> int:
+    """Bytes left in `stream` from its position (which it keeps)."""
+    position = stream.tell()
+    end = stream.seek(0, io.SEEK_END)
+    stream.seek(position)
+    return end - position
+
+
 def parse_idx(source: Source, *, name: str | None = None) -> np.ndarray:
     """An IDX file (gzip or raw, bytes or path) -> uint8 array: labels (N,) or images (N, H, W)."""
-    data, where = _read(source, name)
-    if data[:2] == b"\x1f\x8b":  # gzip magic
-        data = _inflate_idx(data, where)
-    if len(data) < 4:
-        raise DataError(f"{where}: {len(data)} bytes is too short for an IDX header. {REFETCH}")
-    magic = int.from_bytes(data[:4], "big")
-    if magic not in (IDX_LABELS_MAGIC, IDX_IMAGES_MAGIC):
-        raise DataError(
-            f"{where}: bad IDX magic number 0x{magic:08x}; expected 0x{IDX_LABELS_MAGIC:08x} (labels) or "
-            f"0x{IDX_IMAGES_MAGIC:08x} (images). This is not an MNIST-style IDX file: check the data set and mirror."
-        )
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{where}: truncated IDX header ({len(data)} of {header} bytes). {REFETCH}")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    if 0 in dims:
-        raise DataError(f"{where}: IDX dimensions {dims} hold no data. {REFETCH}")
-    expected, payload = math.prod(dims), len(data) - header
-    if payload < expected:
-        raise DataError(f"{where}: truncated: dimensions {dims} need {expected} bytes but {payload} follow. {REFETCH}")
-    if payload > expected:
-        raise DataError(f"{where}: {payload - expected} unexpected trailing bytes after {dims} of data. {REFETCH}")
-    # .copy(): frombuffer views the read-only bytes; callers get an ordinary writable array.
-    return np.frombuffer(data, np.uint8, count=expected, offset=header).reshape(dims).copy()
+    with _open(source, name) as (stream, where):
+        data = _IdxData(stream, where)
+        array = np.empty(data.dims, np.uint8)
+        data.read_into(array, 0)
+        data.finish()
+    return array
 
 
-def _inflate_idx(compressed: bytes, where: str) -> bytes:
-    """Inflate a gzip-compressed IDX file, never past the size its own header gives (plus one byte to see excess).
+@dataclass(frozen=True)
+class IdxStream:
+    """An IDX file whose header has been read: `dims` now, its rows on iteration.
 
-    A gzip bomb (a small file that inflates to gigabytes) is refused after at most that many bytes.
+    Each iteration reads the file afresh and yields uint8 chunks of `rows_per_chunk` rows
+    (`(n, *dims[1:])`, the last one shorter) in file order, holding about one chunk in memory.
+    A problem found late (a CRC mismatch, a short stream) raises DataError from the iterator,
+    before the last chunk is yielded, so a reader that stops after the last row still sees it.
     """
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # 16+: the gzip container, with its CRC check
-    out = bytearray()
-    pending = compressed
 
-    def inflate_to(size: int) -> None:
-        nonlocal pending
-        while len(out) < size and not inflater.eof:
-            chunk = inflater.decompress(pending, size - len(out))
-            pending = inflater.unconsumed_tail
-            if not chunk and not pending:
-                return
-            out.extend(chunk)
+    path: Path
+    where: str
+    dims: tuple[int, ...]
+    rows_per_chunk: int
 
-    try:
-        inflate_to(4)
-        header = 4 + 4 * out[3] if len(out) >= 4 else 4
-        inflate_to(header)
-        needed = header
-        if len(out) == header and int.from_bytes(out[:4], "big") in (IDX_LABELS_MAGIC, IDX_IMAGES_MAGIC):
-            needed = header + math.prod(struct.unpack(f">{out[3]}I", bytes(out[4:header])))
-            if needed > MAX_IDX_BYTES:
-                raise DataError(
-                    f"{where}: its IDX header claims {needed:,} bytes of data, more than the {MAX_IDX_BYTES:,} this parser "
-                    f"inflates; not an MNIST-style file. {REFETCH}"
-                )
-            inflate_to(needed + 1)  # one byte past the end shows excess without inflating it
-            if len(out) > needed:
-                raise DataError(
-                    f"{where}: the gzip stream holds more than the {needed:,} bytes its IDX header describes; "
-                    f"stopped inflating there (a gzip bomb or a wrong file). {REFETCH}"
-                )
-        else:  # not an IDX header: the checks in parse_idx name the problem
-            inflate_to(needed + 1)
-    except zlib.error as error:  # includes a CRC mismatch, checked when the end marker is reached
-        raise DataError(f"{where}: corrupt gzip stream ({error}). {REFETCH}") from error
-    if len(out) <= needed and not inflater.eof:  # every input byte used, and still no end marker
-        raise DataError(f"{where}: corrupt gzip stream (it ends before its end marker). {REFETCH}")
-    if inflater.unused_data:
-        raise DataError(f"{where}: {len(inflater.unused_data)} bytes follow the gzip stream's end. {REFETCH}")
-    return bytes(out)
+    def __iter__(self) -> Iterator[np.ndarray]:
+        with _open(self.path, self.where) as (stream, where):
+            data = _IdxData(stream, where)
+            if data.dims != self.dims:
+                raise DataError(f"{where}: its IDX header changed from {self.dims} to {data.dims} while it was read. {REFETCH}")
+            row_bytes, total = math.prod(self.dims[1:]), self.dims[0]
+            for start in range(0, total, self.rows_per_chunk):
+                chunk = np.empty((min(self.rows_per_chunk, total - start), *self.dims[1:]), np.uint8)
+                data.read_into(chunk, start * row_bytes)
+                if start + len(chunk) == total:
+                    data.finish()
+                yield chunk
 
 
-def check_counts(images: np.ndarray, labels: np.ndarray, *, name: str = "images/labels") -> None:
-    """Images and labels must pair up one to one."""
-    if len(images) != len(labels):
+def iter_idx(source_path: str | Path, rows_per_chunk: int, *, name: str | None = None) -> IdxStream:
+    """An IDX file (gzip or raw) read in chunks of rows: its header read and checked now, its data on iteration."""
+    if rows_per_chunk < 1:
+        raise ValueError(f"rows_per_chunk must be at least 1, not {rows_per_chunk}")
+    with _open(source_path, name) as (stream, where):
+        dims = _IdxData(stream, where).dims
+    return IdxStream(Path(source_path), where, dims, rows_per_chunk)
+
+
+def check_counts(images: np.ndarray | int, labels: np.ndarray | int, *, name: str = "images/labels") -> None:
+    """Images and labels (arrays, or their counts from the files' headers) must pair up one to one."""
+    images, labels = (value if isinstance(value, int) else len(value) for value in (images, labels))
+    if images != labels:
         raise DataError(
-            f"{name}: {len(images)} images but {len(labels)} labels; the files do not belong together. "
+            f"{name}: {images} images but {labels} labels; the files do not belong together. "
             "Delete the raw data and rerun the download stage."
         )
 

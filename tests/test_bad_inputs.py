@@ -28,7 +28,11 @@ Added for issue 16 (reliability):
   rewritten, a gzip bomb behind a deleted manifest entry, an unlisted extra file, a manifest
   missing a file the loader reads; parse_idx on a 256 MB bomb (inflates 60,009 bytes), on a
   header claiming a terabyte, trailing data, a bad gzip trailer; meta.json edited (num_classes,
-  class_names, a sha256 entry, its own hash), also with a recomputed self-hash
+  class_names, a sha256 entry, its own hash), also with a recomputed self-hash; the streaming
+  IDX reader (parsers.iter_idx) on each of parse_idx's refusals, a CRC error raised before the
+  last chunk, a bomb stopped at its header's size; the idx data set's files against their
+  download.idx.sha256 pins with the manifest entry dropped or rewritten, empty pins (the hashes
+  to paste), labels past download.idx.class_names, image/label counts that disagree
 - C, an unpinned or changed local CSV (tests/test_datasets.py; through dvc in this file), and a
   check_params stage that never opens the CSV (a FIFO as download.csv.path)
 - D, silently wrong numbers: R² of a constant target, also with inexact constants over 40

@@ -27,6 +27,14 @@ BAD_VALUES = {
     "download.csv.target": ["", 1],
     "download.csv.task": ["clustering"],
     "download.csv.sha256": ["abc", "Z" * 64],
+    "download.idx": ["folder", 3],
+    "download.idx.path": [7],
+    "download.idx.sha256": ["abc"],
+    "download.idx.sha256.train_images": ["abc", "Z" * 64, 5],
+    "download.idx.sha256.train_labels": ["0" * 63],
+    "download.idx.sha256.test_images": ["A" * 64],
+    "download.idx.sha256.test_labels": [["0" * 64]],
+    "download.idx.class_names": ["cat", [1, 2], ["a", "a"], ["only"], ["a", ""], [None, "b"]],
     "preprocess": [[1, 2]],
     "preprocess.seed": [-1, 2**31, 0.5],
     "preprocess.val_fraction": [0.0, 1.0, -0.2, 1.5, "half"],
@@ -254,7 +262,7 @@ def test_params_classes_carry_no_defaults():
         seen.append(cls)
         assert all(field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING for field in dataclasses.fields(cls)), cls
         pending.extend(hint for hint in typing.get_type_hints(cls).values() if dataclasses.is_dataclass(hint))
-    assert len(seen) == 14  # Params, its six sections, csv, early_stopping, the four model sections and primary_metric
+    assert len(seen) == 16  # Params, its six sections, csv, idx and its sha256, early_stopping, the four model sections and primary_metric
 
 
 def test_overrides_apply_dotted_keys_to_a_copy():

@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tapework import parsers
 from tapework.errors import DataError
 from tapework.parsers import (
     CALIFORNIA_COLUMNS,
     check_counts,
+    iter_idx,
     parse_california_housing,
     parse_cifar10_binary,
     parse_csv,
@@ -253,6 +255,140 @@ def test_parse_idx_checks_the_whole_gzip_container(data, problem) -> None:
     good = gzip.compress(idx_bytes(np.zeros(100, np.uint8)))
     with pytest.raises(DataError, match=problem):
         parse_idx(data(good))
+
+
+# --- iter_idx: the same file read in chunks of rows ----------------------------------------------
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def streamed(path: Path, rows: int) -> list[np.ndarray]:
+    return list(iter_idx(path, rows))
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["gzip", "raw"])
+@pytest.mark.parametrize("read_bytes", [1 << 20, 7], ids=["1MiB-reads", "7-byte-reads"])
+def test_iter_idx_equals_parse_idx_in_chunks_across_boundaries(tmp_path, monkeypatch, compress, read_bytes) -> None:
+    """Chunks of 1, 3, 7 and 50 rows of 7 images (3x5): the header's dims first, then the rows in file order."""
+    monkeypatch.setattr(parsers, "IDX_READ_BYTES", read_bytes)  # 7: every file read splits a header, row and gzip block
+    images = np.random.default_rng(1).integers(0, 256, (7, 3, 5), dtype=np.uint8)
+    encoded = idx_bytes(images)
+    path = write(tmp_path / "images", gzip.compress(encoded) if compress else encoded)
+    whole = parse_idx(path)
+    np.testing.assert_array_equal(whole, images)
+    for rows in (1, 3, 7, 50):
+        stream = iter_idx(path, rows)
+        assert stream.dims == (7, 3, 5)
+        chunks = list(stream)
+        assert [len(chunk) for chunk in chunks] == [min(rows, 7 - start) for start in range(0, 7, rows)]
+        assert all(chunk.dtype == np.uint8 and chunk.shape[1:] == (3, 5) for chunk in chunks)
+        np.testing.assert_array_equal(np.concatenate(chunks), whole)
+        np.testing.assert_array_equal(np.concatenate(list(stream)), whole)  # each pass reads the file afresh
+    labels = write(tmp_path / "labels", gzip.compress(idx_bytes(images[:, 0, 0])) if compress else idx_bytes(images[:, 0, 0]))
+    np.testing.assert_array_equal(np.concatenate(streamed(labels, 4)), images[:, 0, 0])
+
+
+def test_iter_idx_reads_the_header_only_until_iterated(tmp_path) -> None:
+    """The dims come from the header; a corrupt body is found by the iterator, not before."""
+    good = gzip.compress(idx_bytes(np.zeros((40, 4, 4), np.uint8)), mtime=0)
+    path = write(tmp_path / "images.gz", good[:-12] + bytes(12))  # the last deflate bytes and the trailer damaged
+    stream = iter_idx(path, 8)
+    assert stream.dims == (40, 4, 4)
+    with pytest.raises(DataError, match=r"images\.gz: corrupt gzip stream"):
+        list(stream)
+
+
+def test_iter_idx_raises_a_late_problem_before_the_last_chunk(tmp_path) -> None:
+    """A CRC mismatch is only seen at the end: the iterator raises it instead of yielding the last chunk,
+    so a reader that stops after the last row still sees it."""
+    good = bytearray(gzip.compress(idx_bytes(np.arange(30, dtype=np.uint8).reshape(10, 1, 3)), mtime=0))
+    good[-8] ^= 0xFF  # the CRC-32 in the trailer
+    stream = iter_idx(write(tmp_path / "labels.gz", bytes(good)), 4)
+    chunks = iter(stream)
+    assert len(next(chunks)) == 4 and len(next(chunks)) == 4
+    with pytest.raises(DataError, match=r"labels\.gz: corrupt gzip stream \(.*incorrect data check"):
+        next(chunks)
+
+
+@pytest.mark.parametrize(
+    ("data", "problem", "found"),
+    [
+        (gzip.compress(b"\x00\x00\x08\x02" + bytes(20)), "bad IDX magic number 0x00000802", "header"),
+        (b"<html>404 Not Found</html>", "bad IDX magic", "header"),
+        (b"\x00\x00", "2 bytes is too short for an IDX header", "header"),
+        (idx_bytes(np.zeros((5, 4, 4), np.uint8))[:10], r"truncated IDX header \(10 of 16 bytes\)", "header"),
+        (struct.pack(">HBBI", 0, 8, 1, 0), r"IDX dimensions \(0,\) hold no data", "header"),
+        (idx_bytes(np.zeros((5, 4, 4), np.uint8))[:-10], r"truncated: dimensions \(5, 4, 4\) need 80 bytes but 70 follow", "header"),
+        (idx_bytes(np.zeros(4, np.uint8)) + b"abc", "3 unexpected trailing bytes", "header"),  # a raw file's length is known at once
+        (gzip.compress(struct.pack(">HBBIII", 0, 8, 3, 1_000_000, 1000, 1000) + bytes(10)), "its IDX header claims 1,000,000,000,016 bytes", "header"),
+        (gzip.compress(idx_bytes(np.zeros((5, 4, 4), np.uint8))[:-10]), r"truncated: dimensions \(5, 4, 4\) need 80 bytes but 70 follow", "data"),
+        (gzip.compress(idx_bytes(np.zeros(100, np.uint8))) + b"xx", "2 bytes follow the gzip stream's end", "data"),
+        (gzip.compress(idx_bytes(np.zeros(100, np.uint8)))[:-1], r"corrupt gzip stream \(it ends before its end marker\)", "data"),
+        (gzip.compress(idx_bytes(np.zeros(100, np.uint8)))[:-4] + bytes(4), "corrupt gzip stream", "data"),  # wrong length in the trailer
+        (gzip.compress(idx_bytes(np.zeros(100, np.uint8)) + b"extra"), "the gzip stream holds more than the 108 bytes its IDX header describes", "data"),
+    ],
+    ids=[
+        "gzip-bad-magic", "html", "too-short", "truncated-header", "no-data", "raw-truncated", "raw-trailing", "claims-a-terabyte",
+        "gzip-truncated", "after-gzip-end", "no-end-marker", "bad-trailer-length", "gzip-excess",
+    ],  # fixed ids: gzip bytes carry the time, and pytest-xdist workers must collect the same names
+)
+def test_iter_idx_refuses_what_parse_idx_refuses(tmp_path, data, problem, found) -> None:
+    """Each refusal names the file and the fix, from iter_idx (a header problem, a raw file's length)
+    or from the iterator (what only reading a gzip stream shows); parse_idx says the same."""
+    path = write(tmp_path / "train-images-idx3-ubyte.gz", data)
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz: " + problem) as caught:
+        stream = iter_idx(path, 3)
+        assert found == "data", "iter_idx should have refused the header"
+        list(stream)
+    assert "check the data set and mirror" in str(caught.value) or "rerun the download stage" in str(caught.value)
+    with pytest.raises(DataError, match=problem):
+        parse_idx(path)
+
+
+def test_iter_idx_refuses_an_unreadable_file(tmp_path) -> None:
+    with pytest.raises(DataError, match=r"missing\.gz: cannot read it \(No such file or directory\)"):
+        iter_idx(tmp_path / "missing.gz", 10)
+
+
+def test_iter_idx_memory_is_one_chunk_not_the_file(tmp_path) -> None:
+    """16 MB of images (2 MB gzip-compressed) read in 64 KB chunks: the peak stays near one read
+    buffer and one chunk, far below the file."""
+    rows = 20_000
+    images = np.broadcast_to(np.arange(28, dtype=np.uint8), (rows, 28, 28))
+    path = write(tmp_path / "big.gz", gzip.compress(idx_bytes(np.ascontiguousarray(images)), compresslevel=1))
+    total = 0
+    tracemalloc.start()
+    try:
+        for chunk in iter_idx(path, 83):  # 83 rows: 65,072 bytes
+            assert chunk[-1, 0, 27] == 27
+            total += len(chunk)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert total == rows
+    assert peak < 4 << 20, f"{peak} bytes allocated while streaming {rows * 784} bytes"
+
+
+def test_iter_idx_stops_inflating_a_gzip_bomb_where_the_header_ends(tmp_path) -> None:
+    """A 60,000-label header followed by 32 MB of zeros: the iterator refuses it after 60,009 inflated bytes."""
+    path = write(tmp_path / "train-labels-idx1-ubyte.gz", gzip_bomb(struct.pack(">HBBI", 0, 8, 1, 60_000), 32 << 20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"holds more than the 60,008 bytes its IDX header describes; stopped inflating"):
+            list(iter_idx(path, 1000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak} bytes allocated while refusing the bomb"
+
+
+def test_check_counts_takes_header_counts() -> None:
+    check_counts(3, np.zeros(3))
+    with pytest.raises(DataError, match="4 images but 3 labels"):
+        check_counts(4, np.zeros(3))
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,6 @@ import tensorflow as tf
 from tapework.preprocess import Prepared
 from tapework.shards import Layout, split_files
 
-# Shard files read at once while training: enough to mix neighbouring shards before the shuffle buffer.
-INTERLEAVED_SHARDS = 4
-READ_BUFFER_BYTES = 1 << 20  # per open shard file
-
 
 def epoch_permutation(size: int, seed: int, epoch: int) -> np.ndarray:
     """The example order of one epoch, a pure function of (seed, epoch).
@@ -71,19 +67,20 @@ def split_dataset(
     seed: int | None = None,
     epoch: int = 0,
     drop_remainder: bool = False,
-    shuffle_buffer: int = 1,
+    shuffle_window: int = 1,
     worker: tuple[int, int] = (0, 1),
 ) -> tf.data.Dataset:
     """Batches of one split from either prepared format; shuffled per epoch when `seed` is given, in order otherwise.
 
-    Arrays shuffle the whole split (`make_dataset`); shards stream through `shard_dataset`, and
+    Arrays shuffle the whole split (`make_dataset`); shards stream through `shard_dataset` (shuffled
+    within windows of `shuffle_window` examples), and
     `worker = (index, count)` keeps only that worker's own shard files.
     """
     if not data.sharded:
         inputs, labels = data.split(split)
         return make_dataset(inputs, labels, batch_size, seed=seed, epoch=epoch, drop_remainder=drop_remainder)
-    files = [str(data.directory / name) for name, _ in worker_shards(split_files(data.meta, split), *worker)]
-    return shard_dataset(files, Layout.from_meta(data.meta), batch_size, seed=seed, epoch=epoch, drop_remainder=drop_remainder, shuffle_buffer=shuffle_buffer)
+    files = [(str(data.directory / name), count) for name, count in worker_shards(split_files(data.meta, split), *worker)]
+    return shard_dataset(files, Layout.from_meta(data.meta), batch_size, seed=seed, epoch=epoch, drop_remainder=drop_remainder, shuffle_window=shuffle_window)
 
 
 def worker_shards(files: list[tuple[str, int]], index: int, count: int) -> list[tuple[str, int]]:
@@ -102,55 +99,75 @@ def split_steps(data: Prepared, split: str, batch_size: int, drop_remainder: boo
     return max(steps_per_epoch(sum(count for _, count in worker_shards(files, index, workers)), batch_size // workers, drop_remainder) for index in range(workers))
 
 
-def shuffle_seed(seed: int, epoch: int) -> int:
-    """The shuffle buffer's op seed for one epoch, a pure function of (seed, epoch) like epoch_permutation."""
-    return int(np.random.default_rng([seed, epoch, 1]).integers(2**31 - 1))
+def shard_windows(files: list[tuple[str, int]], seed: int | None, epoch: int, window: int) -> list[tuple[list[str], np.ndarray | None]]:
+    """One epoch's plan over shard files: groups of whole shards and, with `seed`, a permutation of each group's rows.
+
+    A pure function of (files, seed, epoch, window), like `epoch_permutation`: the shards in
+    `epoch_permutation` order, cut into groups of at least `window` examples (whole shards, at
+    least one), each group's rows in a seeded permutation. Without `seed`: file order, unshuffled.
+    """
+    order = np.arange(len(files)) if seed is None else epoch_permutation(len(files), seed, epoch)
+    groups: list[list[int]] = []
+    held = 0
+    for index in order:
+        if not groups or held >= window:
+            groups.append([])
+            held = 0
+        groups[-1].append(int(index))
+        held += files[index][1]
+    plan = []
+    for number, group in enumerate(groups):
+        rows = sum(files[index][1] for index in group)
+        permutation = None if seed is None else np.random.default_rng([seed, epoch, number]).permutation(rows).astype(np.int32)
+        plan.append(([files[index][0] for index in group], permutation))
+    return plan
 
 
 def shard_dataset(
-    files: list[str],
+    files: list[tuple[str, int]],
     layout: Layout,
     batch_size: int,
     *,
     seed: int | None = None,
     epoch: int = 0,
     drop_remainder: bool = False,
-    shuffle_buffer: int = 1,
+    shuffle_window: int = 1,
 ) -> tf.data.Dataset:
     """Batches decoded from fixed-length record files (tapework/shards.py), streamed with bounded memory.
 
-    With `seed`, the epoch's order is a function of (seed, epoch) only: the files in
-    `epoch_permutation` order, read INTERLEAVED_SHARDS at a time in a fixed round-robin, then a
-    seeded buffer of `shuffle_buffer` examples. Without it, every record in file order. Each
-    record is read exactly once, so every example counts once in the epoch's metrics.
+    `files` are (path, examples) pairs. The pipeline reads one group of whole shards at a time
+    (`shard_windows`: at least `shuffle_window` examples), permutes its rows when `seed` is
+    given, and cuts the groups' rows into batches across group boundaries, so every example is
+    read exactly once per epoch and only the last batch can be short. Every step works on whole
+    groups or batches, never on single records: per-element costs in tf.data would otherwise
+    dominate on a CPU that also trains.
     """
-    if seed is not None:
-        files = [files[index] for index in epoch_permutation(len(files), seed, epoch)]
-    names = tf.data.Dataset.from_tensor_slices(tf.constant(files, dtype=tf.string, shape=[len(files)]))
+    plan = shard_windows(files, seed, epoch, shuffle_window)
+    names = tf.ragged.constant([group for group, _ in plan], dtype=tf.string)
+    record = layout.record_bytes
 
-    def read(name: tf.Tensor) -> tf.data.Dataset:
-        return tf.data.FixedLengthRecordDataset(name, layout.record_bytes, buffer_size=READ_BUFFER_BYTES)
+    def read(group: tf.Tensor, permutation: tf.Tensor | None = None) -> tf.Tensor:
+        contents = tf.strings.reduce_join(tf.map_fn(tf.io.read_file, group, fn_output_signature=tf.string))
+        rows = tf.reshape(tf.io.decode_raw(contents, tf.uint8), [-1, record])
+        return rows if permutation is None else tf.gather(rows, permutation)
 
     if seed is None:
-        records = names.flat_map(read)
+        groups = tf.data.Dataset.from_tensor_slices(names).map(read)
     else:
-        cycle = max(1, min(INTERLEAVED_SHARDS, len(files)))
-        records = names.interleave(read, cycle_length=cycle, block_length=1, num_parallel_calls=cycle, deterministic=True)
-        records = records.shuffle(shuffle_buffer, seed=shuffle_seed(seed, epoch))
+        permutations = tf.ragged.constant([permutation for _, permutation in plan], dtype=tf.int32)
+        groups = tf.data.Dataset.from_tensor_slices((names, permutations)).map(read)
     batch_dimension = batch_size if drop_remainder else -1
     input_shape = list(layout.input_shape)
 
-    def decode(batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        # One decode per batch, not per record: the records are byte strings of one fixed length.
-        raw = tf.io.decode_raw(batch, tf.uint8)
+    def decode(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        # One decode per batch: slice the record bytes, then reinterpret them (little-endian) as the prepared dtypes.
         inputs, labels = raw[:, : layout.input_bytes], raw[:, layout.input_bytes :]
         if layout.input_dtype == "float32":
-            inputs = tf.bitcast(tf.reshape(inputs, [batch_dimension, *input_shape, 4]), tf.float32)  # little-endian bytes -> float32
+            inputs = tf.bitcast(tf.reshape(inputs, [batch_dimension, *input_shape, 4]), tf.float32)
         else:
             inputs = tf.reshape(inputs, [batch_dimension, *input_shape])
         return inputs, tf.bitcast(tf.reshape(labels, [batch_dimension, 4]), tf.as_dtype(layout.label_dtype))
 
-    options = tf.data.Options()
-    options.deterministic = True  # the parallel read and decode keep their order
-    batches = records.batch(batch_size, drop_remainder=drop_remainder)
-    return batches.map(decode, num_parallel_calls=tf.data.AUTOTUNE).with_options(options).prefetch(tf.data.AUTOTUNE)
+    # prefetch(1) on groups: the next group is read while this one is consumed, and no more (memory stays bounded).
+    batches = groups.prefetch(1).rebatch(batch_size, drop_remainder=drop_remainder)
+    return batches.map(decode).prefetch(tf.data.AUTOTUNE)

@@ -152,7 +152,7 @@ class TrainParams:
     label_smoothing: float = _spec(min=0.0, max=1.0, max_exclusive=True)
     huber_delta: float = _spec(min=0.0, min_exclusive=True, help="in units of the target's scale (tapework/metrics.py, HuberMetric)")
     early_stopping: EarlyStoppingParams = _spec()
-    shuffle_buffer: int = _spec(min=1, max=MAX_INT, help="examples in the shuffle buffer when reading shards")
+    shuffle_window: int = _spec(min=1, max=MAX_INT, help="shards: examples shuffled together per window (whole shards, at least one)")
     steps_per_execution: int = _spec(min=1, max=10_000)
     jit_compile: bool | str = _spec(choices=("auto",), help="true, false or auto (see TrainParams.use_xla)")
     mixed_precision: bool | str = _spec(choices=("bfloat16",), help="false (float32), true (float16 with loss scaling) or bfloat16")

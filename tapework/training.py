@@ -95,7 +95,7 @@ def train_epoch(train_function: Any, dataset: Any, steps: int, epoch: int, train
 
 def epoch_dataset(data: Prepared, train_params: TrainParams, epoch: int, strategy: tf.distribute.Strategy | None, workers: int) -> Any:
     """One epoch's training batches: a function of (seed, epoch), so a resumed run sees what an uninterrupted one saw."""
-    settings = {"seed": train_params.seed, "epoch": epoch, "drop_remainder": train_params.drop_remainder, "shuffle_buffer": train_params.shuffle_buffer}
+    settings = {"seed": train_params.seed, "epoch": epoch, "drop_remainder": train_params.drop_remainder, "shuffle_window": train_params.shuffle_window}
     if strategy is None:
         return split_dataset(data, "train", train_params.batch_size, **settings)
     if workers > 1:

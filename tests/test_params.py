@@ -88,7 +88,7 @@ BAD_VALUES = {
     "train.early_stopping.min_delta": [-0.01],
     "train.early_stopping.restore_best": ["true"],
     "train.steps_per_execution": [0, 10_001],
-    "train.shuffle_buffer": [0, -10, 2**31],
+    "train.shuffle_window": [0, -10, 2**31],
     "train.jit_compile": [0, "yes", "xla", None],
     "train.mixed_precision": ["no", "float16", "bf16"],
     "train.on_nonfinite": ["ignore"],

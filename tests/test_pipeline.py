@@ -83,7 +83,7 @@ def test_dvc_repro_end_to_end_skip_diff_and_bitwise_rerun(repo_copy):
 
 @pytest.mark.slow
 def test_shards_run_end_to_end_under_dvc_repro_and_rerun_bitwise(repo_copy):
-    update_params(repo_copy / "params.yaml", {"preprocess.format": "shards", "preprocess.shard_size": 128, "train.shuffle_buffer": 200})
+    update_params(repo_copy / "params.yaml", {"preprocess.format": "shards", "preprocess.shard_size": 128, "train.shuffle_window": 200})
     first = run(["dvc", "repro"], repo_copy)
     assert all(f"Running stage '{stage}'" in first.stdout for stage in STAGES)
     assert "prepared digits as shards" in first.stderr
@@ -134,7 +134,7 @@ def _wait_for(repo: Path, pattern: str, process: subprocess.Popen, timeout: floa
 def test_killed_train_resumes_to_bitwise_identical_result(repo_copy, kill, prepared_format):
     changes = {"train.epochs": 30, "train.mlp.dropout": 0.3, "train.schedule": "cosine", "preprocess.format": prepared_format}
     if prepared_format == "shards":  # 400 training examples in 7 shards, mixed by a buffer smaller than the split
-        changes |= {"preprocess.shard_size": 64, "train.shuffle_buffer": 100}
+        changes |= {"preprocess.shard_size": 64, "train.shuffle_window": 100}
     update_params(repo_copy / "params.yaml", changes)
     run(["dvc", "repro", "preprocess"], repo_copy)
     assert len(list((repo_copy / "data/prepared").glob("train-*.rec"))) == (7 if prepared_format == "shards" else 0)

@@ -159,7 +159,7 @@ def test_streamed_epochs_read_each_example_once_in_an_order_set_by_seed_and_epoc
     arrays, sharded = sharded_digits
 
     def epoch(seed, number, buffer=64, drop=False):
-        batches = list(split_dataset(sharded, "train", 32, seed=seed, epoch=number, shuffle_buffer=buffer, drop_remainder=drop))
+        batches = list(split_dataset(sharded, "train", 32, seed=seed, epoch=number, shuffle_window=buffer, drop_remainder=drop))
         return np.concatenate([x.numpy() for x, _ in batches]), np.concatenate([y.numpy() for _, y in batches]), [len(y) for _, y in batches]
 
     def records(inputs, labels):
@@ -183,7 +183,7 @@ def test_training_on_shards_is_bitwise_reproducible_resumes_exactly_and_evaluate
 
     arrays, sharded = sharded_digits
     params = dataclasses.replace(
-        make_params({"train.epochs": 4, "train.batch_size": 32, "train.tensorboard": False, "train.steps_per_execution": 4, "train.shuffle_buffer": 50, "train.schedule": "cosine", "train.mlp.dropout": 0.3}).train
+        make_params({"train.epochs": 4, "train.batch_size": 32, "train.tensorboard": False, "train.steps_per_execution": 4, "train.shuffle_window": 50, "train.schedule": "cosine", "train.mlp.dropout": 0.3}).train
     )
     straight = train(params, sharded, checkpoint_dir=tmp_path / "straight")
     assert straight.history[-1]["val_accuracy"] > 0.5

@@ -154,7 +154,8 @@ def shard_dataset(
     if seed is None:
         groups = tf.data.Dataset.from_tensor_slices(names).map(read)
     else:
-        permutations = tf.ragged.constant([permutation for _, permutation in plan], dtype=tf.int32)
+        # Built from one flat array: tf.ragged.constant would walk a million-entry permutation in Python.
+        permutations = tf.RaggedTensor.from_row_lengths(np.concatenate([permutation for _, permutation in plan]), [len(permutation) for _, permutation in plan])
         groups = tf.data.Dataset.from_tensor_slices((names, permutations)).map(read)
     batch_dimension = batch_size if drop_remainder else -1
     input_shape = list(layout.input_shape)

@@ -339,7 +339,7 @@ def _load_bundled(raw_dir: Path, spec: DatasetSpec, download: DownloadParams) ->
 class _IdxSplit:
     """One split of an IDX data set: its labels read and checked, its images' header read."""
 
-    labels: np.ndarray  # int64 (N,)
+    labels: np.ndarray  # uint8 (N,), as in the file: one byte per example while streaming
     images: parsers.IdxStream
 
     def chunks(self) -> Iterator[np.ndarray]:
@@ -364,7 +364,7 @@ def _idx_split(raw_dir: Path, images_name: str, labels_name: str, shape: tuple[i
         expected = "height, width" if shape is None else f"{shape[0]}, {shape[1]}"
         raise DataError(f"{raw_dir / images_name}: shape {dims}, expected (N, {expected}) images with (N,) labels. {RERUN}")
     rows = max(1, IDX_CHUNK_BYTES // math.prod(dims[1:]))
-    return _IdxSplit(labels.astype(np.int64), dataclasses.replace(first, rows_per_chunk=rows))
+    return _IdxSplit(labels, dataclasses.replace(first, rows_per_chunk=rows))
 
 
 def _open_idx(raw_dir: Path, spec: DatasetSpec, download: DownloadParams) -> tuple[_IdxSplit, _IdxSplit, tuple[str, ...], tuple[int, int, int]]:
@@ -390,7 +390,7 @@ def _open_idx(raw_dir: Path, spec: DatasetSpec, download: DownloadParams) -> tup
 
 def _load_idx(raw_dir: Path, spec: DatasetSpec, download: DownloadParams) -> RawDataset:
     train, test, class_names, image_shape = _open_idx(raw_dir, spec, download)
-    return RawDataset(train.whole(), train.labels, test.whole(), test.labels, "classification", class_names, None, image_shape)
+    return RawDataset(train.whole(), train.labels.astype(np.int64), test.whole(), test.labels.astype(np.int64), "classification", class_names, None, image_shape)
 
 
 def _load_cifar10(raw_dir: Path, spec: DatasetSpec, download: DownloadParams) -> RawDataset:

@@ -30,17 +30,24 @@ def split_indices(size: int, fraction: float, seed: int, labels: np.ndarray | No
     With labels the split is stratified: each class gives the same share, so small validation
     sets keep the class balance. The result depends only on (size, fraction, seed, labels).
     """
+    held = held_out(size, fraction, seed, labels)
+    kept = np.ones(size, bool)
+    kept[held] = False
+    return np.flatnonzero(kept), held
+
+
+def held_out(size: int, fraction: float, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
+    """The sorted indices `split_indices` holds out, computed one class at a time (memory: one class's indices)."""
     rng = np.random.default_rng(seed)
-    groups = [np.arange(size)] if labels is None else [np.flatnonzero(labels == value) for value in np.unique(labels)]
     held = []
-    for group in groups:
-        shuffled = rng.permutation(group)
-        held.append(shuffled[: int(round(fraction * len(group)))])
-    held_out = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
-    kept = np.setdiff1d(np.arange(size), held_out, assume_unique=True)
-    if len(kept) == 0 or len(held_out) == 0:
+    for value in [None] if labels is None else np.unique(labels):
+        group = np.arange(size) if value is None else np.flatnonzero(labels == value)
+        # copy(): keep the held share only, not a view pinning the whole permutation.
+        held.append(rng.permutation(group)[: int(round(fraction * len(group)))].copy())
+    result = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    if len(result) in (0, size):
         raise DataError(f"splitting {size} examples with fraction {fraction} leaves an empty split; use more data or another fraction")
-    return kept, held_out
+    return result
 
 
 def subsample(size: int, count: int, seed: int) -> np.ndarray:
@@ -133,7 +140,7 @@ class RawSource:
     found at its end, a short read) raises DataError from the iterator.
     """
 
-    y_train: np.ndarray
+    y_train: np.ndarray  # class labels may be any integer dtype (IDX: uint8, one byte per example)
     y_test: np.ndarray | None  # None: no official test split; preprocess holds one out
     train_inputs: Callable[[], Iterator[np.ndarray]]
     test_inputs: Callable[[], Iterator[np.ndarray]] | None
@@ -154,10 +161,14 @@ class RawSource:
         )
 
     def materialize(self) -> RawDataset:
-        """Every row in memory (the arrays format)."""
+        """Every row in memory (the arrays format), class labels as int64 like every loader's."""
         x_test = None if self.test_inputs is None else _concatenate(self.test_inputs(), self.input_shape, self.input_dtype)
+
+        def labels(values: np.ndarray | None) -> np.ndarray | None:
+            return values.astype(np.int64) if values is not None and self.task == "classification" else values
+
         return RawDataset(
-            _concatenate(self.train_inputs(), self.input_shape, self.input_dtype), self.y_train, x_test, self.y_test,
+            _concatenate(self.train_inputs(), self.input_shape, self.input_dtype), labels(self.y_train), x_test, labels(self.y_test),
             self.task, self.class_names, self.feature_names, self.image_shape,
         )
 
@@ -207,23 +218,31 @@ def _class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(labels, minlength=num_classes).tolist()
 
 
-@dataclass(frozen=True)
-class SplitPlan:
-    """Which rows of the source's train file go to each split, as increasing indices (so every split keeps file order)."""
-
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray | None  # rows held out for testing; None: the source's own test file is the test split
+TRAIN, VAL, TEST, LEFT_OUT = 0, 1, 2, -1  # split_destinations' codes, TRAIN..TEST in SPLITS order
 
 
-def plan_splits(labels: np.ndarray, has_test: bool, params: PreprocessParams, classification: bool) -> SplitPlan:
-    """The deterministic split of a source's train rows: held-out test (without an official one), validation, subsample."""
-    pool, test = np.arange(len(labels)), None
+def split_destinations(labels: np.ndarray, has_test: bool, params: PreprocessParams, classification: bool) -> np.ndarray:
+    """Each row of the source's train file: TRAIN, VAL, TEST (held out when there is no test file) or LEFT_OUT.
+
+    One byte per example (plus one class's indices while splitting): the deterministic split
+    both formats use, so each split's rows, in file order, are np.flatnonzero(destination == code).
+    """
+    destination = np.zeros(len(labels), np.int8)
+    pool = None  # the rows left for train and validation when a test split is held out
     if not has_test:
-        pool, test = split_indices(len(labels), params.test_fraction, params.seed, labels if classification else None)
-    kept, held = split_indices(len(pool), params.val_fraction, params.seed + 1, labels[pool] if classification else None)
-    train = pool[kept]
-    return SplitPlan(train[subsample(len(train), params.max_train_examples, params.seed)], pool[held], test)
+        destination[held_out(len(labels), params.test_fraction, params.seed, labels if classification else None)] = TEST
+        pool = np.flatnonzero(destination == TRAIN)
+    pool_labels = labels if pool is None else labels[pool]
+    validation = held_out(len(pool_labels), params.val_fraction, params.seed + 1, pool_labels if classification else None)
+    destination[validation if pool is None else pool[validation]] = VAL
+    del pool, pool_labels, validation
+    train = np.flatnonzero(destination == TRAIN)
+    chosen = subsample(len(train), params.max_train_examples, params.seed)
+    if len(chosen) < len(train):
+        left_out = np.ones(len(train), bool)
+        left_out[chosen] = False
+        destination[train[left_out]] = LEFT_OUT
+    return destination
 
 
 def _dtypes(task: str, image: bool) -> tuple[type, type]:
@@ -236,12 +255,12 @@ def prepare(raw: RawDataset, params: PreprocessParams, dataset: str) -> Prepared
     _check_float32_range(RawSource.from_arrays(raw), dataset)
     if len(raw.x_train) != len(raw.y_train):
         raise DataError(f"{dataset}: {len(raw.x_train)} inputs but {len(raw.y_train)} labels; re-run the download stage")
-    plan = plan_splits(raw.y_train, raw.x_test is not None, params, raw.task == "classification")
-    rows = {"train": plan.train, "val": plan.val, "test": plan.test}
+    destination = split_destinations(raw.y_train, raw.x_test is not None, params, raw.task == "classification")
     input_dtype, label_dtype = _dtypes(raw.task, raw.image_shape is not None)
     arrays = {}
-    for name in SPLITS:
-        inputs, labels = (raw.x_test, raw.y_test) if rows[name] is None else (raw.x_train[rows[name]], raw.y_train[rows[name]])
+    for code, name in enumerate(SPLITS):
+        rows = np.flatnonzero(destination == code)
+        inputs, labels = (raw.x_test, raw.y_test) if name == "test" and raw.x_test is not None else (raw.x_train[rows], raw.y_train[rows])
         arrays[f"x_{name}"] = np.ascontiguousarray(inputs, dtype=input_dtype)
         arrays[f"y_{name}"] = np.ascontiguousarray(labels, dtype=label_dtype)
     offset, scale = normalization_stats(arrays["x_train"], params.normalization, raw.image_shape is not None)
@@ -272,7 +291,7 @@ def _meta(source: RawSource, params: PreprocessParams, dataset: str, offset: np.
     if classification:
         meta["class_counts"] = {name: _class_counts(labels[name], num_classes) for name in SPLITS}
     else:
-        targets = labels["train"].astype(np.float64)
+        targets = labels["train"].astype(np.float32).astype(np.float64)  # the float32 values the prepared data holds
         meta["target"] = {"offset": float(targets.mean()), "scale": float(targets.std() or 1.0)}
     return meta
 
@@ -297,14 +316,9 @@ def write_shards(source: RawSource, params: PreprocessParams, dataset: str, dire
     """
     shards.check_byte_order()
     _check_float32_range(source, dataset)
-    classification = source.task == "classification"
-    plan = plan_splits(source.y_train, source.y_test is not None, params, classification)
+    destination = split_destinations(source.y_train, source.y_test is not None, params, source.task == "classification")
     input_dtype, label_dtype = _dtypes(source.task, source.image_shape is not None)
     layout = shards.Layout(tuple(source.input_shape), np.dtype(input_dtype).name, np.dtype(label_dtype).name)
-    destination = np.full(len(source.y_train), -1, np.int8)  # split index per row of the train file; -1 = left out
-    for index, name in enumerate(SPLITS):
-        if getattr(plan, name) is not None:
-            destination[getattr(plan, name)] = index
     with atomic_directory(directory) as temp:
         writers = {name: shards.ShardWriter(temp, name, layout, params.shard_size) for name in SPLITS}
 
@@ -331,8 +345,8 @@ def write_shards(source: RawSource, params: PreprocessParams, dataset: str, dire
             route(source.test_inputs(), source.y_test, None, "test")
         listing = {name: writers[name].close() for name in SPLITS}
         labels = {
-            name: (source.y_test if rows is None else source.y_train[rows]).astype(label_dtype)
-            for name, rows in (("train", plan.train), ("val", plan.val), ("test", plan.test))
+            name: source.y_test if name == "test" and source.y_test is not None else source.y_train[destination == code]
+            for code, name in enumerate(SPLITS)
         }
         meta: dict[str, Any] = {
             shards.FORMAT_KEY: shards.SHARDS,

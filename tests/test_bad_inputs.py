@@ -50,6 +50,10 @@ Added for issue 16 (reliability):
   scalars against DVC's own reader (1e-3, yes, 017, ...), batch sizes 2**31, 2**62, 2**63 and
   any integer key past 2**31-1, a batch larger than the data with drop_remainder, a truncated
   meta.json or model.json, a missing sha256 entry, shortened class_names, an edited num_classes
+- G, prepared data as shards (tests/test_shards.py): a shard with one flipped byte, a truncated
+  shard, a deleted shard and a meta.json listing one shard fewer, each refused by load_prepared
+  before training starts with one line naming the file and the fix; params bad values for
+  preprocess.format, shard_size, shards_above_mib and train.shuffle_window (tests/test_params.py)
 """
 
 import dataclasses

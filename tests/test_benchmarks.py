@@ -85,3 +85,36 @@ def test_loop_vs_fit_strongest_fit_baseline_runs_with_xla_when_determinism_is_of
     for key in ("c-bf16", "c-bf16-jit-flip", "c-jit-flip"):  # train.mixed_precision: bfloat16, XLA on and off
         assert variants[key]["losses"][-1] < variants[key]["losses"][0], key
     assert "mixed_bfloat16" in variants["c-bf16"]["label"]
+
+
+def test_scale_quick_runs_the_real_stages_on_generated_idx_shards_and_prints_each_figure(tmp_path):
+    report_path = tmp_path / "scale.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--quick", "--workdir", str(tmp_path / "work"), "--json", str(report_path)],
+        cwd=ROOT,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,  # a guard against a hang; the quick run takes about half a minute
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert re.search(r"^BASELINE stage=train dataset=digits format=arrays peak_rss_mib=\d+ ", out, re.M), out
+    for examples in (3000, 6000):  # the quick size and its double
+        for stage in ("download", "preprocess", "train"):
+            assert re.search(rf"^STAGE examples={examples} stage={stage} seconds=\d+\.\d peak_rss_mib=\d+", out, re.M), out
+        assert re.search(rf"^TARGET examples={examples} preprocess_peak_mib=\d+ .* train_above_digits_mib=-?\d+ ", out, re.M), out
+    assert re.search(r"^TARGET doubling stage=preprocess growth=[-+]\d+\.\d%", out, re.M), out
+    for kind in ("arrays", "shards"):
+        assert re.search(rf"^THROUGHPUT dataset=digits model=mlp batch=64 format={kind} epoch_median_seconds=\d+\.\d\d", out, re.M), out
+    assert re.search(r"^RATIO shards/arrays=\d+\.\d\d ", out, re.M), out
+
+    report = json.loads(report_path.read_text())
+    for run, examples in zip(report["runs"], (3000, 6000), strict=True):
+        counts = run["counts"]
+        # Every generated example went through download and preprocess: 90/10 train/val, plus the N/6 test file.
+        assert counts["train"] + counts["val"] == examples and counts["test"] == examples // 6
+        assert run["shard_bytes"] == sum(counts.values()) * (28 * 28 + 4)  # one 788-byte record per example
+        assert [stage["stage"] for stage in run["stages"]] == ["download", "preprocess", "train"]
+        assert len(run["stages"][2]["epoch_seconds"]) == 1  # one epoch, read from the train stage's own log
+    assert report["throughput"]["train_examples"] > 0 and set(report["throughput"]["examples_per_second"]) == {"arrays", "shards"}

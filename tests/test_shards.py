@@ -197,3 +197,22 @@ def test_training_on_shards_is_bitwise_reproducible_resumes_exactly_and_evaluate
     from_shards, from_arrays = evaluate_model(straight.model, sharded, 64, 0.5), evaluate_model(straight.model, arrays, 64, 0.5)
     assert from_shards.results == from_arrays.results and from_shards.outputs.tobytes() == from_arrays.outputs.tobytes()
     assert np.array_equal(from_shards.actual, from_arrays.actual)
+
+
+def test_shard_windows_group_whole_shards_and_permute_each_window_by_seed_epoch_and_window():
+    from tapework.batching import shard_windows
+
+    files = [(f"s{index}", count) for index, count in enumerate([40, 40, 40, 40, 25])]
+    plan = shard_windows(files, 3, 2, 70)
+    assert sorted(name for group, _ in plan for name in group) == [name for name, _ in files]
+    sizes = [sum(dict(files)[name] for name in group) for group, _ in plan]
+    assert all(size >= 70 for size in sizes[:-1])  # whole shards, at least the window (the last one takes the rest)
+    for (group, permutation), size in zip(plan, sizes):
+        assert sorted(permutation.tolist()) == list(range(size))  # each window's rows exactly once
+    again = shard_windows(files, 3, 2, 70)
+    assert all(a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in zip(plan, again))  # a pure function
+    other_epoch = shard_windows(files, 3, 3, 70)
+    assert [group for group, _ in other_epoch] != [group for group, _ in plan] or not all(np.array_equal(a[1], b[1]) for a, b in zip(plan, other_epoch))
+    assert [group for group, _ in shard_windows(files, None, 0, 70)] == [["s0", "s1"], ["s2", "s3"], ["s4"]]  # no seed: file order
+    assert all(permutation is None for _, permutation in shard_windows(files, None, 0, 70))
+    assert [len(group) for group, _ in shard_windows(files, 3, 2, 1)] == [1] * 5  # a window smaller than a shard: one shard each

@@ -175,7 +175,9 @@ class RawSource:
 
 def _concatenate(chunks: Iterator[np.ndarray], shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     parts = list(chunks)
-    return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros((0, *shape), dtype)
+    if not parts:
+        return np.zeros((0, *shape), dtype)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 @dataclass(frozen=True)
@@ -323,22 +325,21 @@ def write_shards(source: RawSource, params: PreprocessParams, dataset: str, dire
         writers = {name: shards.ShardWriter(temp, name, layout, params.shard_size) for name in SPLITS}
 
         def route(chunks: Iterator[np.ndarray], labels: np.ndarray, split_of: np.ndarray | None, where: str) -> None:
-            """Each row of `chunks` to its split's writer (all to test when `split_of` is None)."""
-            start = 0
+            """Each row of `chunks` to its split's writer (every row to test when `split_of` is None)."""
+            start = stop = 0
             for chunk in chunks:
                 stop = start + len(chunk)
                 if stop > len(labels):
                     break
-                for index, name in enumerate(SPLITS):
-                    rows = slice(None) if split_of is None else split_of[start:stop] == index
-                    if split_of is None and name != "test" or split_of is not None and not rows.any():
-                        continue
-                    writers[name].write(chunk[rows], labels[start:stop][rows])
+                if split_of is None:
+                    writers["test"].write(chunk, labels[start:stop])
+                for code, name in enumerate(SPLITS if split_of is not None else ()):
+                    rows = split_of[start:stop] == code
+                    if rows.any():
+                        writers[name].write(chunk[rows], labels[start:stop][rows])
                 start = stop
-            else:
-                if start == len(labels):
-                    return
-            raise DataError(f"{dataset}: the {where} file's inputs and labels differ in count ({len(labels)} labels); re-run the download stage")
+            if start != len(labels) or stop > len(labels):
+                raise DataError(f"{dataset}: the {where} file's inputs and labels differ in count ({len(labels)} labels); re-run the download stage")
 
         route(source.train_inputs(), source.y_train, destination, "train")
         if source.test_inputs is not None:
@@ -352,7 +353,7 @@ def write_shards(source: RawSource, params: PreprocessParams, dataset: str, dire
             shards.FORMAT_KEY: shards.SHARDS,
             shards.RECORD_KEY: layout.to_meta(),
             shards.FILES_KEY: {name: [[file, count] for file, count, _ in listing[name]] for name in SPLITS},
-            "input_shape": list(layout.input_shape),
+            "input_shape": list(layout.input_shape),  # what iter_split needs now; _meta adds the rest
             "counts": {name: int(len(labels[name])) for name in SPLITS},
         }
         rows = stats_chunk_rows(layout.input_shape)

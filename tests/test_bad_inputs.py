@@ -73,6 +73,7 @@ import tapework.preprocess as preprocess_module
 from tapework.errors import DataError
 from tapework.io import save_npz
 from tapework.models import build_model, load_model, save_model
+from tapework.params import ParamsError
 from tapework.preprocess import load_prepared, prepare, write_prepared
 from tests.conftest import TINY_PARAMS, copy_project, make_params, run, shared_data, stage_command, tool_env, update_params
 from tests.test_loop import tiny_mlp
@@ -212,7 +213,8 @@ def test_tampered_raw_or_prepared_data_is_refused_by_the_next_stage(repo_copy):
 
 def test_build_model_rejects_an_impossible_vit_patch(tmp_path):
     config = {"model": "vit", "settings": {"patch_size": 3, "embed_dim": 8, "num_heads": 2, "num_blocks": 1, "mlp_dim": 8, "dropout": 0.0}, "input_shape": [8, 8, 1], "outputs": 10, "l2": 0.0, "seed": 0, "offset": [0.0], "scale": [1.0]}
-    with pytest.raises(ValueError, match="patch_size = 3 must divide"):
+    # One params line: with download.dataset: idx the image size is only known from the files, not when params are checked.
+    with pytest.raises(ParamsError, match=r"^params.yaml: train.vit.patch_size = 3 is invalid: must divide the 8x8 images of the prepared data"):
         build_model(config)
 
 

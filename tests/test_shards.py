@@ -216,3 +216,13 @@ def test_shard_windows_group_whole_shards_and_permute_each_window_by_seed_epoch_
     assert [group for group, _ in shard_windows(files, None, 0, 70)] == [["s0", "s1"], ["s2", "s3"], ["s4"]]  # no seed: file order
     assert all(permutation is None for _, permutation in shard_windows(files, None, 0, 70))
     assert [len(group) for group, _ in shard_windows(files, 3, 2, 1)] == [1] * 5  # a window smaller than a shard: one shard each
+
+
+@pytest.mark.parametrize("rows", [90, 110, 0], ids=["fewer-inputs", "more-inputs", "no-inputs"])
+def test_inputs_and_labels_of_different_counts_are_refused_and_nothing_is_written(rows, tmp_path):
+    labels = np.arange(100) % 10
+    chunks = [np.zeros((rows, 2, 2, 1), np.uint8)] if rows else []
+    source = RawSource(labels, None, lambda: iter(chunks), None, (2, 2, 1), np.dtype(np.uint8), "classification", tuple("0123456789"), None, (2, 2, 1))
+    with pytest.raises(DataError, match=r"the train file's inputs and labels differ in count \(100 labels\); re-run the download stage"):
+        write_shards(source, make_params().preprocess, "generated", tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists() and list(tmp_path.iterdir()) == []  # the temp folder is gone too

@@ -118,3 +118,26 @@ def test_scale_quick_runs_the_real_stages_on_generated_idx_shards_and_prints_eac
         assert [stage["stage"] for stage in run["stages"]] == ["download", "preprocess", "train"]
         assert len(run["stages"][2]["epoch_seconds"]) == 1  # one epoch, read from the train stage's own log
     assert report["throughput"]["train_examples"] > 0 and set(report["throughput"]["examples_per_second"]) == {"arrays", "shards"}
+
+
+def test_roofline_quick_prints_the_bound_and_the_epoch_split_for_both_models(tmp_path):
+    report_path = tmp_path / "roofline.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--quick", "--json", str(report_path)],
+        cwd=ROOT,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,  # a guard against a hang; the quick run takes about 15 s
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"^MATMUL 1024x1024x1024 gflops=\d+\.\d$", result.stdout, re.M), result.stdout
+    rows = json.loads(report_path.read_text())["rows"]
+    assert [(row["model"], row["batch"]) for row in rows] == [("residual_mlp", 64), ("mlp", 64)]
+    # FLOPs from the Dense kernels: the residual MLP of params.yaml on 28x28x1 has 482,986 parameters, nearly all in kernels.
+    residual = rows[0]
+    assert 6 * 470_000 < residual["train_flops_per_example"] < 6 * 482_986
+    for row in rows:
+        assert re.search(rf"^ROOFLINE model={row['model']} batch=64 .* of_roofline=\d+%$", result.stdout, re.M), result.stdout
+        assert row["roofline_seconds"] > 0 and row["epoch_seconds"] > 0 and row["resident_batch_seconds"] > 0 and row["validation_seconds"] > 0
+        assert math.isclose(row["roofline_seconds"], 5_500 * row["train_flops_per_example"] / (row["matmul_gflops"] * 1e9))

@@ -25,6 +25,9 @@ Everything runs as the pipeline runs it: op determinism on, params.yaml's train 
    the same steps on one batch held in memory (Dataset.from_tensors(...).repeat), so
    epoch - resident is what the input pipeline adds; validation: tapework.loop.Evaluator over
    the 5,000 validation examples. achieved GFLOP/s and of_roofline use the real epoch.
+4. With --profile, one more epoch per model and batch under tf.profiler, split into the compiled
+   step's matmuls, its fused element-wise kernels (Adam, activations, metrics), its other kernels,
+   and the time outside the compiled step (the in-graph loop over steps, the iterator, Python).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -148,13 +152,56 @@ def epoch_split(model_name: str, batch: int, x: np.ndarray, y: np.ndarray, x_val
         metrics.results()
 
     epoch = iter(range(1, 10_000))
+    def profile(folder: Path) -> dict[str, float]:
+        return profile_epoch(drain, lambda: make_dataset(x, y, batch, seed=params.seed, epoch=next(epoch), drop_remainder=params.drop_remainder), folder)
+
     return {
         "steps": steps,
+        "profile": profile,
         "flops_kernels": dense_kernels(model),
         "resident": timed(lambda: drain(resident), repeats),
         "epoch": timed(lambda: drain(make_dataset(x, y, batch, seed=params.seed, epoch=next(epoch), drop_remainder=params.drop_remainder)), repeats),
         "validation": timed(lambda: evaluator(val_dataset), repeats),
     }
+
+
+def profile_epoch(run: Any, make_epoch: Any, folder: Path) -> dict[str, float]:
+    """One epoch under tf.profiler, split into XLA's matmuls, its fused element-wise kernels, its
+    other kernels, and the time outside the compiled step (the in-graph loop, the iterator, Python).
+
+    Reads the profile's XSpace protobuf (TensorFlow's own xplane_pb2): the compiled step's kernels
+    are events on TensorFlow's compute threads, named after their HLO instruction.
+    """
+    import glob
+    import re
+
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    tf.profiler.experimental.start(str(folder))
+    started = time.perf_counter()
+    run(make_epoch())
+    seconds = time.perf_counter() - started
+    tf.profiler.experimental.stop()
+    space = xplane_pb2.XSpace()
+    space.ParseFromString(Path(glob.glob(f"{folder}/plugins/profile/*/*.xplane.pb")[0]).read_bytes())
+    plane = next(plane for plane in space.planes if plane.name == "/host:CPU")
+    names = {key: value.name for key, value in plane.event_metadata.items()}
+    split = {"epoch": seconds, "executable": 0.0, "matmul": 0.0, "fusion": 0.0, "other_kernels": 0.0}
+    for line in plane.lines:
+        for event in line.events:
+            name, seconds_spent = names.get(event.metadata_id, ""), event.duration_ps / 1e12
+            if name == "CpuExecutable::ExecuteAsyncOnStream":
+                split["executable"] += seconds_spent
+            elif not line.name.startswith("tf_") or name.startswith(("ThunkExecutor", "CpuExecutable", "BlockUntilReady", "ExecutorState", "Iterator", "Prefetch", "InstantiatedCapturedFunction", "end: ")):
+                continue
+            elif re.search(r"(?i)matmul|dot", name):
+                split["matmul"] += seconds_spent
+            elif "fusion" in name:
+                split["fusion"] += seconds_spent
+            elif name.startswith(("wrapped_", "copy", "cond")):
+                split["other_kernels"] += seconds_spent
+    split["outside_executable"] = split["epoch"] - split["executable"]
+    return split
 
 
 def main() -> None:
@@ -163,6 +210,7 @@ def main() -> None:
     parser.add_argument("--batches", default="32,64,256")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="6,000 examples, batch 64, 2 repeats")
+    parser.add_argument("--profile", action="store_true", help="also one epoch under tf.profiler per model and batch: where its time goes")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     train_size, val_size, batches, repeats = (5_500, 500, [64], 2) if args.quick else (55_000, 5_000, [int(b) for b in args.batches.split(",")], args.repeats)
@@ -193,6 +241,15 @@ def main() -> None:
                 f"achieved_gflops={row['achieved_gflops']:.1f} of_roofline={bound / split['epoch']:.0%}",
                 flush=True,
             )
+            if args.profile:
+                with tempfile.TemporaryDirectory(prefix="tapework-profile-") as folder:
+                    row["profile"] = profile = split["profile"](Path(folder))
+                print(
+                    f"PROFILE model={model_name} batch={batch} epoch_s={profile['epoch']:.3f} xla_step_s={profile['executable']:.3f} "
+                    f"matmul_s={profile['matmul']:.3f} fused_elementwise_s={profile['fusion']:.3f} "
+                    f"other_kernels_s={profile['other_kernels']:.3f} outside_step_s={profile['outside_executable']:.3f}",
+                    flush=True,
+                )
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
 

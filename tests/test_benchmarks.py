@@ -120,10 +120,10 @@ def test_scale_quick_runs_the_real_stages_on_generated_idx_shards_and_prints_eac
     assert report["throughput"]["train_examples"] > 0 and set(report["throughput"]["examples_per_second"]) == {"arrays", "shards"}
 
 
-def test_roofline_quick_prints_the_bound_and_the_epoch_split_for_both_models(tmp_path):
+def test_roofline_quick_prints_the_bound_the_epoch_split_and_a_profile_for_both_models(tmp_path):
     report_path = tmp_path / "roofline.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--quick", "--json", str(report_path)],
+        [sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--quick", "--profile", "--json", str(report_path)],
         cwd=ROOT,
         env=tool_env(),
         capture_output=True,
@@ -141,3 +141,8 @@ def test_roofline_quick_prints_the_bound_and_the_epoch_split_for_both_models(tmp
         assert re.search(rf"^ROOFLINE model={row['model']} batch=64 .* of_roofline=\d+%$", result.stdout, re.M), result.stdout
         assert row["roofline_seconds"] > 0 and row["epoch_seconds"] > 0 and row["resident_batch_seconds"] > 0 and row["validation_seconds"] > 0
         assert math.isclose(row["roofline_seconds"], 5_500 * row["train_flops_per_example"] / (row["matmul_gflops"] * 1e9))
+        # The profiled epoch found the compiled step and its matmuls in the trace (an empty parse would give zeros).
+        profile = row["profile"]
+        assert profile["executable"] > 0 and profile["matmul"] > 0 and profile["fusion"] > 0
+        assert profile["matmul"] + profile["fusion"] < profile["epoch"] and math.isclose(profile["outside_executable"], profile["epoch"] - profile["executable"])
+        assert re.search(rf"^PROFILE model={row['model']} batch=64 epoch_s=\S+ xla_step_s=\S+ matmul_s=\S+ fused_elementwise_s=\S+", result.stdout, re.M)

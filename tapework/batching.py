@@ -72,9 +72,9 @@ def split_dataset(
 ) -> tf.data.Dataset:
     """Batches of one split from either prepared format; shuffled per epoch when `seed` is given, in order otherwise.
 
-    Arrays shuffle the whole split (`make_dataset`); shards stream through `shard_dataset` (shuffled
-    within windows of `shuffle_window` examples), and
-    `worker = (index, count)` keeps only that worker's own shard files.
+    Arrays shuffle the whole split (`make_dataset`). Shards stream through `shard_dataset`, shuffled
+    within windows of `shuffle_window` examples; `worker = (index, count)` keeps only that
+    worker's own shard files.
     """
     if not data.sharded:
         inputs, labels = data.split(split)

@@ -29,7 +29,7 @@ from tapework.distribute import LOGICAL_CPUS_ENV, configure_environment, configu
 from tapework.errors import EnvironmentSettingError
 from tapework.models import weights_dict
 from tests.conftest import tool_env
-from tests.distribute_driver import train_tiny
+from tests.distribute_driver import tiny_shards, train_tiny
 
 DRIVER = Path(__file__).with_name("distribute_driver.py")
 WEIGHTS_TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
@@ -193,6 +193,16 @@ def test_multi_worker_resume_with_steps_per_execution_matches_single_device(refe
     weights, report = load_run(tmp_path / "worker0")
     assert [row["epoch"] for row in report["history"]] == [1, 2]
     assert_close_to(reference("classification"), weights, report["history"])
+
+
+@pytest.mark.timeout(300)
+def test_mirrored_on_shards_matches_single_device_on_shards(tmp_path):
+    # One worker reads every shard; the replicas split each streamed global batch, as with arrays.
+    log = run_processes(tmp_path, {"run": (["--distribute", "mirrored", "--shards", str(tmp_path / "mirrored")], {LOGICAL_CPUS_ENV: "2"})})["run"]
+    assert "mirrored with 2 replica(s) in sync" in log
+    single = train_tiny(data=tiny_shards("classification", tmp_path / "single", 40))
+    weights, report = load_run(tmp_path / "run")
+    assert_close_to((weights_dict(single.model), single.history), weights, report["history"])
 
 
 @pytest.mark.timeout(300)

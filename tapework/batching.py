@@ -26,26 +26,41 @@ def make_dataset(
     seed: int | None = None,
     epoch: int = 0,
     drop_remainder: bool = False,
+    stack: int = 0,
 ) -> tf.data.Dataset:
     """Batches of (inputs, labels); shuffled per epoch when `seed` is given, in order otherwise.
 
     Built for a per-epoch rebuild: the epoch's order is cut into index batches here, in NumPy,
     so the pipeline handles one element per batch (not one per example followed by `.batch`),
     and each batch is a single gather from the arrays.
+
+    With `stack` > 0 each element is instead a stack of up to `stack` consecutive batches,
+    shaped (batches, batch_size, ...): the full stacks, then the remaining full batches, then the
+    short last batch alone (the train function runs a stack as one XLA program, one shape each).
+    The batches and their order are the same as without `stack`.
     """
     size = len(inputs)
     order = np.arange(size) if seed is None else epoch_permutation(size, seed, epoch)
     full, rest = divmod(size, batch_size)
     inputs_tensor = tf.constant(inputs)
     labels_tensor = tf.constant(labels)
-    indices = tf.data.Dataset.from_tensor_slices(order[: full * batch_size].reshape(full, batch_size))
-    if rest and not drop_remainder:
-        indices = indices.concatenate(tf.data.Dataset.from_tensors(order[full * batch_size :]))
+    batches = order[: full * batch_size].reshape(full, batch_size)
+    if stack:
+        stacks, left = divmod(full, stack)
+        indices = tf.data.Dataset.from_tensor_slices(batches[: stacks * stack].reshape(stacks, stack, batch_size))
+        if left:
+            indices = indices.concatenate(tf.data.Dataset.from_tensors(batches[stacks * stack :]))
+        if rest and not drop_remainder:
+            indices = indices.concatenate(tf.data.Dataset.from_tensors(order[full * batch_size :][np.newaxis]))
+    else:
+        indices = tf.data.Dataset.from_tensor_slices(batches)
+        if rest and not drop_remainder:
+            indices = indices.concatenate(tf.data.Dataset.from_tensors(order[full * batch_size :]))
 
     def gather(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        if not drop_remainder:
-            # The element_spec `.batch(drop_remainder=False)` gives: batch dimension unknown.
-            index = tf.compat.v1.placeholder_with_default(index, [None])
+        if not drop_remainder or stack:
+            # The element_spec `.batch(drop_remainder=False)` gives: batch dimension unknown (and stack sizes vary).
+            index = tf.compat.v1.placeholder_with_default(index, [None] * (2 if stack else 1))
         return tf.gather(inputs_tensor, index), tf.gather(labels_tensor, index)
 
     options = tf.data.Options()
@@ -69,16 +84,19 @@ def split_dataset(
     drop_remainder: bool = False,
     shuffle_window: int = 1,
     worker: tuple[int, int] = (0, 1),
+    stack: int = 0,
 ) -> tf.data.Dataset:
     """Batches of one split from either prepared format; shuffled per epoch when `seed` is given, in order otherwise.
 
     Arrays shuffle the whole split (`make_dataset`). Shards stream through `shard_dataset`, shuffled
     within windows of `shuffle_window` examples; `worker = (index, count)` keeps only that
-    worker's own shard files.
+    worker's own shard files. `stack`: see `make_dataset` (arrays only).
     """
     if not data.sharded:
         inputs, labels = data.split(split)
-        return make_dataset(inputs, labels, batch_size, seed=seed, epoch=epoch, drop_remainder=drop_remainder)
+        return make_dataset(inputs, labels, batch_size, seed=seed, epoch=epoch, drop_remainder=drop_remainder, stack=stack)
+    if stack:
+        raise ValueError("stacked batches are built from arrays only")
     files = [(str(data.directory / name), count) for name, count in worker_shards(split_files(data.meta, split), *worker)]
     return shard_dataset(files, Layout.from_meta(data.meta), batch_size, seed=seed, epoch=epoch, drop_remainder=drop_remainder, shuffle_window=shuffle_window)
 

@@ -91,6 +91,32 @@ def _multi_step(step: Callable[..., Any], steps_per_execution: int, stop_on_bad:
     return run
 
 
+def _stacked_steps(step: Callable[..., Any], stop_on_bad: bool) -> Callable[[Any], Any]:
+    """`run(iterator) -> (steps run, non-finite steps)` over one element of stacked batches, its steps in one XLA program."""
+
+    @tf.function(jit_compile=True)
+    def run_stack(inputs: Any, labels: Any) -> tuple[Any, Any]:
+        steps = tf.constant(0, tf.int64)
+        bad_steps = tf.constant(0, tf.int64)
+        for index in tf.range(tf.shape(labels)[0]):
+            good = step(inputs[index], labels[index])
+            steps += 1
+            if not good:
+                bad_steps += 1
+                if stop_on_bad:
+                    break
+        return steps, bad_steps
+
+    @tf.function
+    def run(iterator: Any) -> tuple[Any, Any]:
+        optional = iterator.get_next_as_optional()
+        if optional.has_value():
+            return run_stack(*optional.get_value())
+        return tf.constant(0, tf.int64), tf.constant(0, tf.int64)
+
+    return run
+
+
 def make_train_function(
     model: keras.Model,
     optimizer: keras.optimizers.Optimizer,
@@ -101,11 +127,15 @@ def make_train_function(
     stop_on_nonfinite: bool = True,
     jit_compile: bool = False,
     strategy: tf.distribute.Strategy | None = None,
+    stacked: bool = False,
 ) -> Callable[[Any], Any]:
     """Build `run(iterator) -> (steps_run, nonfinite_steps)`; a non-finite step never updates weights.
 
     `jit_compile` compiles each step with XLA: the whole step on one device, the forward and
-    backward pass under a strategy. With a strategy, `iterator` comes from a distributed
+    backward pass under a strategy. `stacked` (one device, with XLA) reads stacks of batches
+    (`batching.make_dataset(..., stack=N)`) and runs each stack's steps as one XLA program: the
+    same steps in the same order, bitwise the same weights, without TensorFlow's executor
+    launching every step on its own. With a strategy, `iterator` comes from a distributed
     dataset of *global* batches and every replica computes its share; the model, optimizer and
     `metrics` must have been built in `strategy.scope()`, and the optimizer must not clip or
     scale the loss (params validation refuses both with `train.distribute`: not replica-safe).
@@ -139,6 +169,8 @@ def make_train_function(
                 apply_update(labels, outputs, per_example, gradients)
             return good
 
+        if stacked:
+            return _stacked_steps(train_step, stop_on_nonfinite)
         if jit_compile:
             # The whole step in one XLA cluster. On CPU the optimizer and metric updates are ~100
             # tiny element-wise ops per step, each dispatched on its own; fused, they cost little.

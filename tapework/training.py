@@ -89,15 +89,21 @@ def train_epoch(train_function: Any, dataset: Any, steps: int, epoch: int, train
                     "Lower train.learning_rate, set train.clip_norm, or set train.on_nonfinite: skip"
                 )
             skipped += bad
-            if ran < train_params.steps_per_execution:
+            if ran == 0:  # the iterator is spent (a stack or a call may run fewer steps and still not be the last)
                 return skipped
+
+
+def stacks_steps(data: Prepared, train_params: TrainParams, strategy: tf.distribute.Strategy | None) -> bool:
+    """Whether steps_per_execution steps run as one XLA program over a stack of batches: one device, XLA, arrays."""
+    return strategy is None and train_params.use_xla() and not data.sharded
 
 
 def epoch_dataset(data: Prepared, train_params: TrainParams, epoch: int, strategy: tf.distribute.Strategy | None, workers: int) -> Any:
     """One epoch's training batches: a function of (seed, epoch), so a resumed run sees what an uninterrupted one saw."""
     settings = {"seed": train_params.seed, "epoch": epoch, "drop_remainder": train_params.drop_remainder, "shuffle_window": train_params.shuffle_window}
     if strategy is None:
-        return split_dataset(data, "train", train_params.batch_size, **settings)
+        stack = train_params.steps_per_execution if stacks_steps(data, train_params, strategy) else 0
+        return split_dataset(data, "train", train_params.batch_size, stack=stack, **settings)
     if workers > 1:
         return distribute_shards(strategy, lambda index: split_dataset(data, "train", train_params.batch_size // workers, worker=(index, workers), **settings))
     return distribute_dataset(strategy, split_dataset(data, "train", train_params.batch_size, **settings))
@@ -166,6 +172,7 @@ def train(
         stop_on_nonfinite=train_params.on_nonfinite == "error",
         jit_compile=train_params.use_xla(),
         strategy=strategy,
+        stacked=stacks_steps(data, train_params, strategy),
     )
     state = TrainingState(model)
     log.info("run %s", run_id(train_params, meta))

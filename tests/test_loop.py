@@ -71,37 +71,35 @@ def test_train_step_matches_numpy_reference(jit_compile):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def train_weights(steps_per_execution, inputs, labels, jit_compile=False):
+def train_weights(steps_per_execution, inputs, labels, jit_compile=False, stacked=False):
     model = tiny_mlp(seed=3)
     optimizer = keras.optimizers.Adam(0.01)
     optimizer.build(model.trainable_variables)
     metrics = MetricSet("classification", 3, 1.0)
-    run = make_train_function(model, optimizer, TaskSpec("classification", 3), metrics, steps_per_execution=steps_per_execution, jit_compile=jit_compile)
-    iterator = iter(make_dataset(inputs, labels, batch_size=7, seed=1, epoch=1))
+    run = make_train_function(model, optimizer, TaskSpec("classification", 3), metrics, steps_per_execution=steps_per_execution, jit_compile=jit_compile, stacked=stacked)
+    iterator = iter(make_dataset(inputs, labels, batch_size=7, seed=1, epoch=1, stack=steps_per_execution if stacked else 0))
     total = 0
-    while True:
-        steps, _ = run(iterator)
-        total += int(steps)
-        if int(steps) < steps_per_execution:
-            break
+    while steps := int(run(iterator)[0]):
+        total += steps
     return total, trainable_arrays(model), metrics.results()
 
 
-@pytest.mark.parametrize("jit_compile", [False, True], ids=["no-xla", "xla"])
-def test_steps_per_execution_changes_nothing_but_speed(jit_compile):
+@pytest.mark.parametrize(("jit_compile", "stacked"), [(False, False), (True, False), (True, True)], ids=["no-xla", "xla", "xla-stacked"])
+def test_steps_per_execution_changes_nothing_but_speed(jit_compile, stacked):
     rng = np.random.default_rng(1)
     inputs = rng.normal(size=(50, 6)).astype(np.float32)
     labels = rng.integers(0, 3, size=50).astype(np.int32)
     steps_one, weights_one, results_one = train_weights(1, inputs, labels, jit_compile)
-    steps_many, weights_many, results_many = train_weights(4, inputs, labels, jit_compile)
+    # Stacked: 7 full batches of 7 as stacks of 3, 3 and 1, then the short batch of 1 alone: one XLA program per stack.
+    steps_many, weights_many, results_many = train_weights(3 if stacked else 4, inputs, labels, jit_compile, stacked)
     assert steps_one == steps_many == 8  # 50 examples / batch 7, last batch partial
     for a, b in zip(weights_one, weights_many):
         np.testing.assert_array_equal(a, b)
     assert results_one == results_many
 
 
-@pytest.mark.parametrize("jit_compile", [False, True], ids=["no-xla", "xla"])
-def test_non_finite_step_is_reported_and_never_applied(jit_compile):
+@pytest.mark.parametrize(("jit_compile", "stacked"), [(False, False), (True, False), (True, True)], ids=["no-xla", "xla", "xla-stacked"])
+def test_non_finite_step_is_reported_and_never_applied(jit_compile, stacked):
     # A NaN target poisons its batch's loss for sure (a NaN input can vanish through ReLU).
     inputs = np.ones((4, 6), np.float32)
     targets = np.array([1.0, 2.0, np.nan, 3.0], np.float32)
@@ -110,24 +108,24 @@ def test_non_finite_step_is_reported_and_never_applied(jit_compile):
     optimizer = keras.optimizers.SGD(0.1)
     optimizer.build(model.trainable_variables)
     spec = TaskSpec("regression", 1)
-    run = make_train_function(model, optimizer, spec, MetricSet("regression", 0, 1.0), steps_per_execution=4, jit_compile=jit_compile)
-    steps, bad = run(iter(make_dataset(inputs, targets, batch_size=2)))
+    run = make_train_function(model, optimizer, spec, MetricSet("regression", 0, 1.0), steps_per_execution=4, jit_compile=jit_compile, stacked=stacked)
+    steps, bad = run(iter(make_dataset(inputs, targets, batch_size=2, stack=4 if stacked else 0)))
     assert (int(steps), int(bad)) == (2, 1)  # first batch applied, second NaN: stop there
     after = trainable_arrays(model)
     assert all(np.isfinite(a).all() for a in after)
     assert any(not np.array_equal(a, b) for a, b in zip(before, after))
 
 
-@pytest.mark.parametrize("jit_compile", [False, True], ids=["no-xla", "xla"])
-def test_skip_mode_skips_only_the_bad_step(jit_compile):
+@pytest.mark.parametrize(("jit_compile", "stacked"), [(False, False), (True, False), (True, True)], ids=["no-xla", "xla", "xla-stacked"])
+def test_skip_mode_skips_only_the_bad_step(jit_compile, stacked):
     inputs = np.ones((6, 6), np.float32)
     targets = np.array([1.0, 2.0, np.inf, 3.0, 4.0, 5.0], np.float32)
     model = tiny_mlp(classes=1)
     optimizer = keras.optimizers.SGD(0.01)
     optimizer.build(model.trainable_variables)
     spec = TaskSpec("regression", 1)
-    run = make_train_function(model, optimizer, spec, MetricSet("regression", 0, 1.0), steps_per_execution=8, stop_on_nonfinite=False, jit_compile=jit_compile)
-    steps, bad = run(iter(make_dataset(inputs, targets, batch_size=2)))
+    run = make_train_function(model, optimizer, spec, MetricSet("regression", 0, 1.0), steps_per_execution=8, stop_on_nonfinite=False, jit_compile=jit_compile, stacked=stacked)
+    steps, bad = run(iter(make_dataset(inputs, targets, batch_size=2, stack=8 if stacked else 0)))
     assert (int(steps), int(bad)) == (3, 1)
     assert int(optimizer.iterations) == 2
     assert all(np.isfinite(a).all() for a in trainable_arrays(model))
@@ -188,3 +186,15 @@ def test_regression_loss_is_on_standardised_scale_and_metrics_in_target_units():
     assert results["mae"] == pytest.approx(np.abs(predicted - targets).mean(), rel=1e-5)
     assert results["loss"] == pytest.approx((((targets - 100.0) / 10.0 - prediction_scaled) ** 2).mean(), rel=1e-5)
     tf.debugging.assert_all_finite(tf.constant(results["r2"]), "r2")
+
+
+@pytest.mark.parametrize("drop_remainder", [False, True])
+def test_stacked_dataset_holds_the_same_batches_in_the_same_order(drop_remainder):
+    inputs = np.arange(50 * 2, dtype=np.float32).reshape(50, 2)
+    labels = np.arange(50, dtype=np.int32)
+    plain = [labels.numpy() for _, labels in make_dataset(inputs, labels, 7, seed=3, epoch=2, drop_remainder=drop_remainder)]
+    stacks = list(make_dataset(inputs, labels, 7, seed=3, epoch=2, drop_remainder=drop_remainder, stack=3))
+    assert [tuple(labels.shape) for _, labels in stacks] == [(3, 7), (3, 7), (1, 7)] + ([] if drop_remainder else [(1, 1)])
+    unstacked = [batch for _, labels in stacks for batch in labels.numpy()]
+    assert len(unstacked) == len(plain) and all(np.array_equal(a, b) for a, b in zip(unstacked, plain))
+    assert all(np.array_equal(x.numpy()[..., 0], 2 * y.numpy()) for x, y in stacks)  # inputs gathered with their labels

@@ -34,10 +34,11 @@ def make_dataset(
     so the pipeline handles one element per batch (not one per example followed by `.batch`),
     and each batch is a single gather from the arrays.
 
-    With `stack` > 0 each element is instead a stack of up to `stack` consecutive batches,
-    shaped (batches, batch_size, ...): the full stacks, then the remaining full batches, then the
-    short last batch alone (the train function runs a stack as one XLA program, one shape each).
-    The batches and their order are the same as without `stack`.
+    With `stack` > 0 each element is instead (inputs, labels, count): a stack of `stack`
+    consecutive batches shaped (stack, batch_size, ...) of which the first `count` are run (only
+    the last stack of full batches has count < stack), then the short last batch alone as a stack
+    of one. The train function runs a stack as one XLA program. The batches run, and their order,
+    are the same as without `stack`.
     """
     size = len(inputs)
     order = np.arange(size) if seed is None else epoch_permutation(size, seed, epoch)
@@ -47,21 +48,29 @@ def make_dataset(
     batches = order[: full * batch_size].reshape(full, batch_size)
     if stack:
         stacks, left = divmod(full, stack)
-        indices = tf.data.Dataset.from_tensor_slices(batches[: stacks * stack].reshape(stacks, stack, batch_size))
+        groups = batches[: stacks * stack].reshape(stacks, stack, batch_size)
+        counts = [stack] * stacks
         if left:
-            indices = indices.concatenate(tf.data.Dataset.from_tensors(batches[stacks * stack :]))
+            # The last full batches padded to a whole stack with copies of its first batch, which are never
+            # run (counts): every stack of full batches has one shape, so XLA compiles one program for them.
+            padding = np.repeat(batches[stacks * stack : stacks * stack + 1], stack - left, axis=0)
+            groups = np.concatenate([groups, np.concatenate([batches[stacks * stack :], padding])[np.newaxis]])
+            counts.append(left)
+        indices = tf.data.Dataset.from_tensor_slices((groups, np.array(counts, np.int32)))
         if rest and not drop_remainder:
-            indices = indices.concatenate(tf.data.Dataset.from_tensors(order[full * batch_size :][np.newaxis]))
+            indices = indices.concatenate(tf.data.Dataset.from_tensors((order[full * batch_size :][np.newaxis], np.int32(1))))
     else:
         indices = tf.data.Dataset.from_tensor_slices(batches)
         if rest and not drop_remainder:
             indices = indices.concatenate(tf.data.Dataset.from_tensors(order[full * batch_size :]))
 
-    def gather(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def gather(index: tf.Tensor, count: tf.Tensor | None = None) -> tuple[tf.Tensor, ...]:
         if not drop_remainder or stack:
-            # The element_spec `.batch(drop_remainder=False)` gives: batch dimension unknown (and stack sizes vary).
+            # The element_spec `.batch(drop_remainder=False)` gives: batch dimension unknown (the short batch's stack too).
             index = tf.compat.v1.placeholder_with_default(index, [None] * (2 if stack else 1))
-        return tf.gather(inputs_tensor, index), tf.gather(labels_tensor, index)
+        if count is None:
+            return tf.gather(inputs_tensor, index), tf.gather(labels_tensor, index)
+        return tf.gather(inputs_tensor, index), tf.gather(labels_tensor, index), count
 
     options = tf.data.Options()
     # The static rewrites have nothing to improve in this pipeline, and applying them serialises

@@ -92,13 +92,13 @@ def _multi_step(step: Callable[..., Any], steps_per_execution: int, stop_on_bad:
 
 
 def _stacked_steps(step: Callable[..., Any], stop_on_bad: bool) -> Callable[[Any], Any]:
-    """`run(iterator) -> (steps run, non-finite steps)` over one element of stacked batches, its steps in one XLA program."""
+    """`run(iterator) -> (steps run, non-finite steps)` over one (inputs, labels, count) stack of batches, its steps in one XLA program."""
 
     @tf.function(jit_compile=True)
-    def run_stack(inputs: Any, labels: Any) -> tuple[Any, Any]:
+    def run_stack(inputs: Any, labels: Any, count: Any) -> tuple[Any, Any]:
         steps = tf.constant(0, tf.int64)
         bad_steps = tf.constant(0, tf.int64)
-        for index in tf.range(tf.shape(labels)[0]):
+        for index in tf.range(count):
             good = step(inputs[index], labels[index])
             steps += 1
             if not good:

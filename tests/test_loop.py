@@ -90,7 +90,7 @@ def test_steps_per_execution_changes_nothing_but_speed(jit_compile, stacked):
     inputs = rng.normal(size=(50, 6)).astype(np.float32)
     labels = rng.integers(0, 3, size=50).astype(np.int32)
     steps_one, weights_one, results_one = train_weights(1, inputs, labels, jit_compile)
-    # Stacked: 7 full batches of 7 as stacks of 3, 3 and 1, then the short batch of 1 alone: one XLA program per stack.
+    # Stacked: 7 full batches of 7 as stacks of 3, 3 and 1 (padded to 3), then the short batch of 1 alone.
     steps_many, weights_many, results_many = train_weights(3 if stacked else 4, inputs, labels, jit_compile, stacked)
     assert steps_one == steps_many == 8  # 50 examples / batch 7, last batch partial
     for a, b in zip(weights_one, weights_many):
@@ -194,7 +194,8 @@ def test_stacked_dataset_holds_the_same_batches_in_the_same_order(drop_remainder
     labels = np.arange(50, dtype=np.int32)
     plain = [labels.numpy() for _, labels in make_dataset(inputs, labels, 7, seed=3, epoch=2, drop_remainder=drop_remainder)]
     stacks = list(make_dataset(inputs, labels, 7, seed=3, epoch=2, drop_remainder=drop_remainder, stack=3))
-    assert [tuple(labels.shape) for _, labels in stacks] == [(3, 7), (3, 7), (1, 7)] + ([] if drop_remainder else [(1, 1)])
-    unstacked = [batch for _, labels in stacks for batch in labels.numpy()]
+    # 7 full batches: two stacks of 3, then one padded to 3 of which 1 runs; the short batch alone.
+    assert [(tuple(labels.shape), int(count)) for _, labels, count in stacks] == [((3, 7), 3), ((3, 7), 3), ((3, 7), 1)] + ([] if drop_remainder else [((1, 1), 1)])
+    unstacked = [batch for _, labels, count in stacks for batch in labels.numpy()[: int(count)]]
     assert len(unstacked) == len(plain) and all(np.array_equal(a, b) for a, b in zip(unstacked, plain))
-    assert all(np.array_equal(x.numpy()[..., 0], 2 * y.numpy()) for x, y in stacks)  # inputs gathered with their labels
+    assert all(np.array_equal(x.numpy()[..., 0], 2 * y.numpy()) for x, y, _ in stacks)  # inputs gathered with their labels

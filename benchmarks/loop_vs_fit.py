@@ -212,14 +212,16 @@ class LoopTrainer:
         self.optimizer.build(self.model.trainable_variables)  # slots must exist before the first traced step
         self.metrics = MetricSet("classification", NUM_CLASSES, self.params.huber_delta)  # what train() tracks for this task
         spec = TaskSpec("classification", NUM_CLASSES)
-        self.run = make_train_function(self.model, self.optimizer, spec, self.metrics, steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+        # With XLA, train() runs each stack of steps_per_execution batches as one XLA program (tapework/loop.py).
+        self.stack = steps_per_execution if jit_compile else 0
+        self.run = make_train_function(self.model, self.optimizer, spec, self.metrics, steps_per_execution=steps_per_execution, jit_compile=jit_compile, stacked=bool(self.stack))
         self.steps = steps_per_epoch(len(x), outcome.batch_size, drop_remainder)
 
     def epoch(self, number: int) -> None:
         steps_before = int(self.optimizer.iterations)
         started = time.perf_counter()
         self.metrics.reset()
-        dataset = make_dataset(self.x, self.y, self.outcome.batch_size, seed=self.seed, epoch=number, drop_remainder=self.drop_remainder)
+        dataset = make_dataset(self.x, self.y, self.outcome.batch_size, seed=self.seed, epoch=number, drop_remainder=self.drop_remainder, stack=self.stack)
         train_epoch(self.run, dataset, self.steps, number, self.params)  # the epoch driver tapework.training.train uses
         results = self.metrics.results()
         self.outcome.epoch_seconds.append(time.perf_counter() - started)

@@ -206,10 +206,12 @@ def test_stages_package_runs_before_tensorflow_is_imported():
 # C-level writes to fd 2 (as TensorFlow's C++ makes them) around Python's own stderr use.
 BIG = bytes(range(256)) * 800  # 200 kB with every byte value (as ROBUSTNESS_SCRIPT writes it): more than a pipe holds
 ROBUSTNESS_SCRIPT = """
-import os, sys, time
+import os, signal, sys, time
 import stages
 case = sys.argv[1]
 if case == "interrupt":
+    # As the train stage does: a suite started as a background job starts its children with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         os.write(1, b"ready\\n")
         time.sleep(60)

@@ -53,7 +53,7 @@ quiet_stage_process()  # TensorFlow's start-up lines, as in every stage process
 
 from tapework.io import file_digest  # noqa: E402
 from tools.machine import machine_description  # noqa: E402
-from tools.workspace import SHARED_DATA, copy_project, tool_env  # noqa: E402
+from tools.workspace import SHARED_DATA, copy_project, stage_command, tool_env  # noqa: E402
 
 MIB = 2**20
 IMAGE = (28, 28)
@@ -104,15 +104,6 @@ def generate(folder: Path, train_count: int, seed: int) -> dict[str, str]:
     return {key: file_digest(folder / name) for key, name in IDX_NAMES.items()}
 
 
-def stage_command(project: Path, stage: str) -> list[str]:
-    import shlex
-
-    import yaml
-
-    words = shlex.split(yaml.safe_load((project / "dvc.yaml").read_text())["stages"][stage]["cmd"])
-    return [sys.executable, *words[1:]]
-
-
 # Runs a command as its grandchild and writes that process's peak RSS (KiB) to argv[1]. Linux
 # carries a process's high-water RSS across exec (exec_mmap records the old mm's), so a stage
 # forked straight from this script would report at least this script's own RSS; forked from
@@ -132,7 +123,7 @@ def run_stage(project: Path, stage: str) -> dict[str, Any]:
     """One stage in its own process: wall time, peak RSS (that process alone) and its log."""
     started = time.perf_counter()
     measured = project / f".peak-{stage}.json"
-    command = [sys.executable, "-c", MEASURE, str(measured), *stage_command(project, stage)]
+    command = [sys.executable, "-c", MEASURE, str(measured), *stage_command(stage, project)]
     result = subprocess.run(command, cwd=project, env=tool_env(TAPEWORK_CACHE=str(project / ".cache")), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - started
     usage = json.loads(measured.read_text())

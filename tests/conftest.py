@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tapework.params import Params, load_params
-from tools.workspace import ROOT, SHARED_DATA, copy_project, run, tool_env, update_params  # noqa: F401  (shared with the tests)
+from tools.workspace import ROOT, SHARED_DATA, copy_project, run, stage_command, tool_env, update_params  # noqa: F401  (shared with the tests)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -22,12 +19,6 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 def make_params(changes: dict[str, object] | None = None) -> Params:
     """The committed params.yaml with dotted-key `changes`, validated: tests run the settings `dvc repro` runs."""
     return load_params(ROOT / "params.yaml", changes)
-
-
-def stage_command(name: str, repo: Path = ROOT) -> list[str]:
-    """The `cmd` of stage `name` in the repo's dvc.yaml, run with this interpreter."""
-    words = shlex.split(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][name]["cmd"])
-    return [sys.executable, *words[1:]] if words[0] == "python" else words
 
 
 # One reason for every real-data skip, so pytest's summary prints it once with the count.

@@ -8,6 +8,7 @@ scripts/env.sh makes), since ROOT is the folder above this package. Nothing here
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,12 @@ def run(command: list[str], cwd: Path, check: bool = True, timeout: float = 600,
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
+
+
+def stage_command(name: str, repo: Path = ROOT) -> list[str]:
+    """The `cmd` of stage `name` in the repo's dvc.yaml, run with this interpreter."""
+    words = shlex.split(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][name]["cmd"])
+    return [sys.executable, *words[1:]] if words[0] == "python" else words
 
 
 def update_params(path: Path, changes: dict[str, object]) -> None:

@@ -65,6 +65,15 @@ def outputs_in_target_units(spec: TaskSpec, outputs: Any) -> Any:
     return tf.reshape(outputs, [-1]) * spec.target_scale + spec.target_offset
 
 
+def average_loss(per_example: Any, global_batch_size: Any | None) -> Any:
+    """Sum over this replica's examples / the global batch size (None: one device, this batch), as
+    tf.nn.compute_average_loss computes it (same ops, same bits) without its batch-size Assert op,
+    which XLA drops with a warning in every compiled train step."""
+    if global_batch_size is None:
+        global_batch_size = tf.shape(per_example)[0]
+    return tf.math.divide_no_nan(tf.reduce_sum(per_example), tf.cast(global_batch_size, per_example.dtype))
+
+
 def _multi_step(step: Callable[..., Any], steps_per_execution: int, stop_on_bad: bool) -> Callable[[Any], Any]:
     """Wrap a per-batch `step(inputs, labels) -> good` into a compiled function running up to N steps per call.
 
@@ -147,7 +156,7 @@ def make_train_function(
             outputs = model(inputs, training=True)
             per_example = loss_fn(labels, outputs)
             # Divide by the *global* batch: replica gradients then sum to the gradient of the mean.
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
+            loss = average_loss(per_example, global_batch_size)
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
             # Mixed precision: scale up before backprop so float16 gradients do not underflow.

@@ -72,12 +72,6 @@ NOISE = (
     # Printed at import on x86 whatever TF_CPP_MIN_LOG_LEVEL says. Turning oneDNN off
     # (TF_ENABLE_ONEDNN_OPTS=0) would change the results, so only the notice goes.
     Noise("oneDNN notice", _record(rb"I", b"port.cc", rb"oneDNN custom operations are on\. .*")),
-    # tf.nn.compute_average_loss (tapework/loop.py) asserts that the batch size is >= 0; XLA drops
-    # Assert ops and says so once per compiled train step.
-    Noise(
-        "XLA drops the batch-size assert",
-        _record(rb"W", b"assert_op.cc", rb"Ignoring Assert operator assert_non_negative/assert_less_equal/Assert/Assert"),
-    ),
     # TensorFlow bug, three records per traced function: with oneDNN on, Grappler's remapper matches
     # MatMul + BiasAdd + Add + Relu (residual_mlp's relu(x + Dense(x)) in the inference graphs:
     # validation and evaluate) but sets the fused node's op only for convolutions, leaving it empty.

@@ -75,7 +75,7 @@ from tapework.io import save_npz
 from tapework.models import build_model, load_model, save_model
 from tapework.params import ParamsError
 from tapework.preprocess import load_prepared, prepare, write_prepared
-from tests.conftest import TINY_PARAMS, copy_project, make_params, run, shared_data, stage_command, tool_env, update_params
+from tests.conftest import make_params, run, shared_data, stage_command, tool_env, update_params
 from tests.test_loop import tiny_mlp
 from tests.test_preprocess import fake_images
 
@@ -221,12 +221,10 @@ def test_build_model_rejects_an_impossible_vit_patch(tmp_path):
 # --- issue 16: environment variables, params.yaml and prepared/model files, stage by stage ----------
 
 
-@pytest.fixture(scope="module")
-def trained_repo(tmp_path_factory):
-    """A repo copy after a tiny `dvc repro` (digits): every stage's inputs exist."""
-    repo = copy_project(tmp_path_factory.mktemp("trained") / "repo", {**TINY_PARAMS, "train.tensorboard": False})
-    run(["dvc", "repro"], repo, TAPEWORK_CACHE=str(repo.parent / "cache"))
-    return repo
+@pytest.fixture
+def trained_repo(tiny_results):
+    """A repo after a tiny `dvc repro` (digits): every stage's inputs exist. Shared: copy it before a change."""
+    return tiny_results
 
 
 def _edit_json(relative, change):

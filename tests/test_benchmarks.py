@@ -14,18 +14,17 @@ import pytest
 from tests.conftest import ROOT, shared_data, tool_env
 
 
+def run_benchmark(script: str, *arguments: str, timeout: float) -> str:
+    """`python benchmarks/<script> ARGUMENTS` from the project root; its stdout, after checking it exited 0.
+    `timeout` only guards against a hang."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *arguments], cwd=ROOT, env=tool_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
 def test_loop_vs_fit_quick_runs_and_compares_like_with_like(tmp_path):
     report_path = tmp_path / "quick.json"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "loop_vs_fit.py"), "--quick", "--json", str(report_path)],
-        cwd=ROOT,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,  # a guard against a hang; the quick run takes seconds
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = result.stdout
+    out = run_benchmark("loop_vs_fit.py", "--quick", "--json", str(report_path), timeout=180)  # the quick run takes seconds
     assert re.search(r"^MACHINE .+, \d+ cores, TensorFlow \S+", out, re.M), out
     for model in ("mlp", "residual_mlp"):  # the default model and the seed's setup
         assert re.search(rf"^RATIO model={model} batch=64 c/a=\d+\.\d\d c/b=\d+\.\d\d$", out, re.M), out
@@ -53,13 +52,12 @@ def test_loop_vs_fit_quick_runs_and_compares_like_with_like(tmp_path):
 def test_pipeline_figures_runs_on_the_real_fashion_mnist(tmp_path):
     report_path = tmp_path / "figures.json"
     command = [
-        sys.executable, str(ROOT / "benchmarks" / "pipeline_figures.py"), "--data", str(shared_data("fashion-mnist")),
+        "pipeline_figures.py", "--data", str(shared_data("fashion-mnist")),
         "--train-epochs", "1", "--train-repeats", "1", "--preprocess-repeats", "1", "--dvc-repeats", "1", "--json", str(report_path),
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=tool_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = run_benchmark(*command, timeout=600)
     for row in ("| Fashion-MNIST preprocess peak RSS |", "| Fashion-MNIST train epoch 1,", "| no-op `dvc repro` / `dvc status` |"):
-        assert row in result.stdout, result.stdout
+        assert row in out, out
     figures = json.loads(report_path.read_text())
     assert figures["preprocess"]["counts"] == {"train": 54000, "val": 6000, "test": 10000}
     assert figures["train"]["train_examples"] == 54000 and len(figures["train"]["runs"][0]["epoch_seconds"]) == 1
@@ -70,12 +68,8 @@ def test_pipeline_figures_runs_on_the_real_fashion_mnist(tmp_path):
 def test_loop_vs_fit_strongest_fit_baseline_runs_with_xla_when_determinism_is_off(tmp_path):
     """(b'): fit with steps_per_execution=32 and jit_compile=True; the benchmark asserts Keras kept XLA."""
     report_path = tmp_path / "off.json"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "loop_vs_fit.py"), "--quick", "--no-determinism", "--bf16", "--models", "residual_mlp", "--json", str(report_path)],
-        cwd=ROOT, env=tool_env(), capture_output=True, text=True, timeout=180,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert re.search(r"^RATIO model=residual_mlp batch=64 c/a=\d+\.\d\d c/b=\d+\.\d\d c/b'=\d+\.\d\d$", result.stdout, re.M), result.stdout
+    out = run_benchmark("loop_vs_fit.py", "--quick", "--no-determinism", "--bf16", "--models", "residual_mlp", "--json", str(report_path), timeout=180)
+    assert re.search(r"^RATIO model=residual_mlp batch=64 c/a=\d+\.\d\d c/b=\d+\.\d\d c/b'=\d+\.\d\d$", out, re.M), out
     report = json.loads(report_path.read_text())
     strongest = next(outcome for outcome in report["outcomes"] if outcome["key"] == "b-xla")
     assert strongest["note"] == "jit_compile=True" and len(strongest["losses"]) == 3
@@ -89,16 +83,7 @@ def test_loop_vs_fit_strongest_fit_baseline_runs_with_xla_when_determinism_is_of
 
 def test_scale_quick_runs_the_real_stages_on_generated_idx_shards_and_prints_each_figure(tmp_path):
     report_path = tmp_path / "scale.json"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--quick", "--workdir", str(tmp_path / "work"), "--json", str(report_path)],
-        cwd=ROOT,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,  # a guard against a hang; the quick run takes about half a minute
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = result.stdout
+    out = run_benchmark("scale.py", "--quick", "--workdir", str(tmp_path / "work"), "--json", str(report_path), timeout=600)  # the quick run takes about half a minute
     assert re.search(r"^BASELINE stage=train dataset=digits format=arrays peak_rss_mib=\d+ ", out, re.M), out
     for examples in (3000, 6000):  # the quick size and its double
         for stage in ("download", "preprocess", "train"):
@@ -122,27 +107,29 @@ def test_scale_quick_runs_the_real_stages_on_generated_idx_shards_and_prints_eac
 
 def test_roofline_quick_prints_the_bound_the_epoch_split_and_a_profile_for_both_models(tmp_path):
     report_path = tmp_path / "roofline.json"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--quick", "--profile", "--json", str(report_path)],
-        cwd=ROOT,
-        env=tool_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,  # a guard against a hang; the quick run takes about 15 s
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert re.search(r"^MATMUL 1024x1024x1024 gflops=\d+\.\d$", result.stdout, re.M), result.stdout
+    out = run_benchmark("roofline.py", "--quick", "--profile", "--json", str(report_path), timeout=300)  # the quick run takes about 15 s
+    assert re.search(r"^MATMUL 1024x1024x1024 gflops=\d+\.\d$", out, re.M), out
     rows = json.loads(report_path.read_text())["rows"]
     assert [(row["model"], row["batch"]) for row in rows] == [("residual_mlp", 64), ("mlp", 64)]
     # FLOPs from the Dense kernels: the residual MLP of params.yaml on 28x28x1 has 482,986 parameters, nearly all in kernels.
     residual = rows[0]
     assert 6 * 470_000 < residual["train_flops_per_example"] < 6 * 482_986
     for row in rows:
-        assert re.search(rf"^ROOFLINE model={row['model']} batch=64 .* of_roofline=\d+%$", result.stdout, re.M), result.stdout
+        assert re.search(rf"^ROOFLINE model={row['model']} batch=64 .* of_roofline=\d+%$", out, re.M), out
         assert row["roofline_seconds"] > 0 and row["epoch_seconds"] > 0 and row["resident_batch_seconds"] > 0 and row["validation_seconds"] > 0
         assert math.isclose(row["roofline_seconds"], 5_500 * row["train_flops_per_example"] / (row["matmul_gflops"] * 1e9))
         # The profiled epoch found the compiled step and its matmuls in the trace (an empty parse would give zeros).
         profile = row["profile"]
         assert profile["executable"] > 0 and profile["matmul"] > 0 and profile["fusion"] > 0
         assert profile["matmul"] + profile["fusion"] < profile["epoch"] and math.isclose(profile["outside_executable"], profile["epoch"] - profile["executable"])
-        assert re.search(rf"^PROFILE model={row['model']} batch=64 epoch_s=\S+ xla_step_s=\S+ matmul_s=\S+ fused_elementwise_s=\S+", result.stdout, re.M)
+        assert re.search(rf"^PROFILE model={row['model']} batch=64 epoch_s=\S+ xla_step_s=\S+ matmul_s=\S+ fused_elementwise_s=\S+", out, re.M)
+
+
+def test_startup_quick_times_the_tensorflow_import_with_and_without_the_hook(tmp_path):
+    report_path = tmp_path / "startup.json"
+    out = run_benchmark("startup.py", "--quick", "--json", str(report_path), timeout=300)  # the quick run takes about 8 s
+    rows = json.loads(report_path.read_text())["rows"]
+    assert [row["import"] for row in rows] == ["tensorflow"]
+    for row in rows:
+        assert row["without_hook_seconds"] > 0 and row["with_hook_seconds"] > 0
+        assert re.search(rf"^IMPORT what={row['import'].replace(' ', '_')} without_hook_s=\d+\.\d\d with_hook_s=\d+\.\d\d ratio=\d+\.\d\d$", out, re.M), out

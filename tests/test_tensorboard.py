@@ -99,10 +99,10 @@ def run_folders(repo: Path) -> dict[str, list[int]]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_each_pipeline_run_gets_its_own_tensorboard_run(repo_copy):
+def test_each_pipeline_run_gets_its_own_tensorboard_run(tiny_trained):
     """A plain run logs to logs/<model>-<fingerprint>; rerunning it replaces its points, another
     params value gets another folder, and a DVC experiment logs under its own name."""
-    run(["dvc", "repro"], repo_copy)
+    repo_copy = tiny_trained  # after one plain `dvc repro`
     (first,) = run_folders(repo_copy)
     assert first.startswith("mlp-") and run_folders(repo_copy)[first] == [1, 2, 3]
     run(["dvc", "repro", "--force", "train"], repo_copy)  # the same run again, from scratch

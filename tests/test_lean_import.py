@@ -1,0 +1,100 @@
+"""The stage processes' import hook (tapework/lean_import.py): Keras's optional integrations are
+skipped while TensorFlow loads, importable afterwards, and no number changes."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+
+from tapework.lean_import import SKIPPED, SkipWhileLoading
+from tests.conftest import ROOT, run
+
+
+@pytest.fixture
+def fake_packages(tmp_path, monkeypatch):
+    """`watched` tries `extra` as Keras tries scikit-learn, and records whether it got it."""
+    (tmp_path / "watched").mkdir()
+    (tmp_path / "watched" / "__init__.py").write_text(textwrap.dedent("""
+        try:
+            import extra.sub
+        except ImportError:
+            extra = None
+        GOT_EXTRA = extra is not None
+    """))
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "__init__.py").write_text("")
+    (tmp_path / "extra" / "sub.py").write_text("VALUE = 7\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("watched", "extra", "extra.sub"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    hook = SkipWhileLoading(frozenset({"extra"}), frozenset({"watched"}))
+    monkeypatch.setattr(sys, "meta_path", [hook, *sys.meta_path])
+    yield hook
+    for name in ("watched", "extra", "extra.sub"):
+        sys.modules.pop(name, None)
+
+
+def test_skipped_only_while_the_watched_package_imports(fake_packages):
+    import watched
+
+    assert watched.GOT_EXTRA is False and "extra" not in sys.modules
+    assert fake_packages.loading == 0
+    assert type(watched.__loader__).__name__ == "SourceFileLoader" and watched.__spec__.loader is watched.__loader__  # the real loader stays
+
+    import extra.sub  # after the watched import: a normal import
+
+    assert extra.sub.VALUE == 7
+
+
+def test_a_package_imported_before_is_left_alone(fake_packages):
+    import extra.sub  # noqa: F401  (already loaded when `watched` asks for it)
+    import watched
+
+    assert watched.GOT_EXTRA is True
+
+
+def test_a_failing_watched_import_does_not_leave_the_skip_on(fake_packages, tmp_path):
+    (tmp_path / "watched" / "__init__.py").write_text("raise RuntimeError('broken package')\n")
+    with pytest.raises(RuntimeError, match="broken package"):
+        import watched  # noqa: F401
+    assert fake_packages.loading == 0
+
+    import extra.sub
+
+    assert extra.sub.VALUE == 7
+
+
+# Runs in a fresh interpreter: the stages package (which installs the hook), TensorFlow, a forward
+# and backward pass, then the skipped packages, imported as the download and evaluate stages do.
+PROBE = """
+import json, sys
+{install}
+import numpy as np
+import tensorflow as tf
+import keras
+loaded = sorted(name for name in {skipped!r} if name in sys.modules)
+keras.utils.set_random_seed(3)
+model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)])
+x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
+with tf.GradientTape() as tape:
+    loss = tf.reduce_mean(tf.square(model(x)))
+gradients = tape.gradient(loss, model.trainable_variables)
+import sklearn.datasets, matplotlib.pyplot, pandas, scipy.special
+print(json.dumps({{"loaded_with_tensorflow": loaded, "loss": float(loss).hex(),
+                  "gradients": [g.numpy().tobytes().hex() for g in gradients],
+                  "digits": int(sklearn.datasets.load_digits().target.sum())}}))
+"""
+
+
+@pytest.mark.slow
+def test_stage_processes_load_tensorflow_without_the_extras_and_compute_the_same_bits():
+    hooked, plain = (
+        json.loads(run([sys.executable, "-c", PROBE.format(install=install, skipped=sorted(SKIPPED))], ROOT).stdout.splitlines()[-1])
+        for install in ("import stages", "")
+    )
+    assert hooked["loaded_with_tensorflow"] == []
+    assert plain["loaded_with_tensorflow"], "TensorFlow no longer imports any of them: the hook saves nothing, drop it"
+    assert (hooked["loss"], hooked["gradients"], hooked["digits"]) == (plain["loss"], plain["gradients"], plain["digits"])

@@ -271,8 +271,9 @@ def predict_files(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of `python -m tapework.predict` and `tapework-predict`: exits 0, or 2 with one line on stderr."""
-    run_stage(lambda: predict_files(parse_args(argv)))
+    """Entry point of `python -m tapework.predict` and `tapework-predict`: exits 0, or 2 with one line on stderr.
+    Given `argv` (a call from Python) it ends by raising SystemExit, which the caller can catch."""
+    run_stage(lambda: predict_files(parse_args(argv)), whole_process=argv is None)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The stage processes' import hook (tapework/lean_import.py): Keras's optional integrations are
-skipped while TensorFlow loads, importable afterwards, and no number changes."""
+"""What a stage process does around its work: the import hook (tapework/lean_import.py) skips Keras's
+optional integrations while TensorFlow loads (importable afterwards, no number changes), and
+run_stage ends the process through exit_now (exit handlers run, streams flushed, no teardown)."""
 
 from __future__ import annotations
 
@@ -98,3 +99,33 @@ def test_stage_processes_load_tensorflow_without_the_extras_and_compute_the_same
     assert hooked["loaded_with_tensorflow"] == []
     assert plain["loaded_with_tensorflow"], "TensorFlow no longer imports any of them: the hook saves nothing, drop it"
     assert (hooked["loss"], hooked["gradients"], hooked["digits"]) == (plain["loss"], plain["gradients"], plain["digits"])
+
+
+# A stage-like process that ends through run_stage: an exit handler, unflushed output on both
+# streams, then main()'s outcome (returns, a user error, an interrupt).
+EXIT_SCRIPT = """
+import atexit, sys
+import stages
+from tapework.cli import run_stage
+from tapework.errors import DataError
+atexit.register(lambda: open(sys.argv[2], "w").write("exit handler ran"))
+def main():
+    sys.stdout.write("partial stdout line, no newline")
+    if sys.argv[1] == "error":
+        raise DataError("the data is wrong")
+    if sys.argv[1] == "interrupt":
+        raise KeyboardInterrupt
+run_stage(main)
+print("never printed: run_stage does not return")
+"""
+
+
+@pytest.mark.parametrize(("outcome", "code", "stderr_line"), [("done", 0, None), ("error", 2, "error: the data is wrong"), ("interrupt", 130, "interrupted: no partial output")])
+def test_run_stage_exits_with_its_code_after_the_exit_handlers_and_flushes_both_streams(tmp_path, outcome, code, stderr_line):
+    marker = tmp_path / "marker"
+    result = run([sys.executable, "-c", EXIT_SCRIPT, outcome, str(marker)], ROOT, check=False)
+    assert result.returncode == code, result.stderr
+    assert result.stdout == "partial stdout line, no newline"
+    assert marker.read_text() == "exit handler ran"
+    if stderr_line:
+        assert stderr_line in result.stderr

@@ -20,16 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-import tensorflow as tf
-import yaml
+from tapework.lean_import import skip_keras_extras
 
-from tapework import catalogue
-from tapework.cli import run_stage
-from tapework.errors import DataError
-from tapework.io import atomic_write_text
-from tapework.serving import ServingModel, read_card
+skip_keras_extras()  # before TensorFlow loads, as in every stage process: a user command pays the import each time
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import yaml  # noqa: E402
+
+from tapework import catalogue  # noqa: E402
+from tapework.cli import run_stage  # noqa: E402
+from tapework.errors import DataError  # noqa: E402
+from tapework.io import atomic_write_text  # noqa: E402
+from tapework.serving import ServingModel, read_card  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG: what the first bytes must be

@@ -129,3 +129,8 @@ def test_run_stage_exits_with_its_code_after_the_exit_handlers_and_flushes_both_
     assert marker.read_text() == "exit handler ran"
     if stderr_line:
         assert stderr_line in result.stderr
+
+
+def test_the_predict_command_loads_tensorflow_without_the_extras_too():
+    probe = "import sys, tapework.predict; print(sorted(name for name in %r if name in sys.modules))" % sorted(SKIPPED - {"pandas"})
+    assert run([sys.executable, "-c", probe], ROOT).stdout.strip() == "[]"  # pandas: predict reads CSV files with it

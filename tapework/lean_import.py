@@ -1,4 +1,5 @@
-"""A cheaper `import tensorflow` for the stage processes: Keras's optional integrations are skipped.
+"""A cheaper `import tensorflow` for the stage processes and the predict command: Keras's optional
+integrations are skipped.
 
 `import tensorflow` imports Keras, and Keras imports scikit-learn (for its scikit-learn wrappers),
 matplotlib.pyplot (for `plot_image_gallery`) and pandas (for DataFrame inputs to `fit`) whenever
@@ -26,7 +27,7 @@ import importlib.machinery
 import sys
 from types import ModuleType
 
-# Imported by Keras only when installed, and used by no stage through Keras.
+# Imported by Keras (scipy: by TensorFlow's legacy Keras engine) only when installed; no stage uses them through Keras.
 SKIPPED = frozenset({"sklearn", "matplotlib", "pandas", "scipy"})
 # While one of these top-level packages is being imported, SKIPPED cannot be imported.
 LOADING = frozenset({"tensorflow", "keras"})

@@ -9,8 +9,8 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import NoReturn
 from pathlib import Path
+from typing import NoReturn
 
 from tapework.errors import EnvironmentSettingError, TapeworkError
 from tapework.params import Params, ParamsError, load_params

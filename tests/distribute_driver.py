@@ -76,6 +76,7 @@ def train_tiny(
     steps_per_execution: int = 1,
     *,
     epochs: int = 2,
+    batch_size: int = BATCH_SIZE,
     checkpoint_dir: Path | None = None,
     log_dir: Path | None = None,
     stop_after_epochs: int | None = None,
@@ -90,7 +91,7 @@ def train_tiny(
             "download.dataset": dataset,
             "train.model": "mlp",
             "train.epochs": epochs,
-            "train.batch_size": BATCH_SIZE,
+            "train.batch_size": batch_size,
             "train.learning_rate": learning_rate,
             "train.mlp.hidden_units": [32],
             "train.mlp.dropout": 0.0,
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("--shards", type=Path, help="write tiny_data as shards here and train on them")
     parser.add_argument("--shard-size", type=int, default=40)
     parser.add_argument("--learning-rate", type=float, default=0.01)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")  # the test reads the replica count
 
@@ -128,6 +130,7 @@ def main() -> None:
         stop_after_epochs=args.stop_after_epochs,
         data=tiny_shards(args.task, args.shards, args.shard_size) if args.shards else None,
         learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
     )
     from tapework.models import weights_dict
     from tapework.training import is_chief

@@ -37,8 +37,9 @@ METRICS_TOLERANCE = {"rel": 1e-5, "abs": 1e-6}
 PROCESS_TIMEOUT = 240  # seconds for a whole group of processes; a hung collective must fail the test, not hang it
 
 
-def run_processes(tmp_path: Path, runs: dict[str, tuple[list[str], dict[str, str]]]) -> dict[str, str]:
-    """Start one driver process per run (name -> (driver args, extra env)) at once; returns each one's log.
+def run_processes(tmp_path: Path, runs: dict[str, tuple[list[str], dict[str, str]]], returncode: int = 0) -> dict[str, str]:
+    """Start one driver process per run (name -> (driver args, extra env)) at once; returns each one's
+    log, after checking that every process exited with `returncode`.
 
     Workers of one cluster must run concurrently, so all start before any is waited on; every
     process is killed in `finally`, whatever happens.
@@ -60,7 +61,7 @@ def run_processes(tmp_path: Path, runs: dict[str, tuple[list[str], dict[str, str
                 process.wait()
     texts = {name: path.read_text() for name, path in logs.items()}
     for name, process in processes.items():
-        assert process.returncode == 0, f"{name} exited with {process.returncode}:\n{texts[name][-4000:]}"
+        assert process.returncode == returncode, f"{name} exited with {process.returncode}:\n{texts[name][-4000:]}"
     return texts
 
 
@@ -222,6 +223,15 @@ def test_multi_worker_on_shards_reads_own_files_and_counts_each_example_once(tmp
         assert row["train_accuracy"] == expected["train_accuracy"], row
         assert row["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-5)
         assert row["val_accuracy"] == expected["val_accuracy"]
+
+
+@pytest.mark.timeout(300)
+def test_multi_worker_on_shards_refuses_a_batch_the_workers_cannot_split(tmp_path):
+    args = ["--distribute", "multi_worker", "--shards", str(tmp_path / "shards"), "--batch-size", "25"]
+    texts = run_processes(tmp_path, worker_runs(args, tmp_path), returncode=1)  # the driver lets the DataError end it
+    for text in texts.values():
+        assert "DataError: train.batch_size = 25 does not split evenly over the 2 workers that each read their own shards; use a multiple of 2" in text, text[-3000:]
+        assert "epoch 1/" not in text
 
 
 def nonfinite_steps_under_mirrored() -> None:

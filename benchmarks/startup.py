@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tools.machine import machine_description  # noqa: E402
-from tools.workspace import tool_env  # noqa: E402
+from tools.workspace import run  # noqa: E402
 
 STAGES = ("train", "evaluate", "export")  # the stages that import TensorFlow
 
@@ -59,7 +58,7 @@ def programs(target: str) -> dict[str, str]:
 def seconds(program: str) -> float:
     """Wall time of one fresh interpreter running `program` (start to exit)."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=tool_env(), check=True, capture_output=True)
+    run([sys.executable, "-c", program], ROOT)
     return time.perf_counter() - start
 
 

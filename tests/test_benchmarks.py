@@ -6,20 +6,17 @@ Nothing about speed is asserted (timings on shared machines are noise for a test
 import json
 import math
 import re
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT, shared_data, tool_env
+from tests.conftest import ROOT, run, shared_data
 
 
 def run_benchmark(script: str, *arguments: str, timeout: float) -> str:
     """`python benchmarks/<script> ARGUMENTS` from the project root; its stdout, after checking it exited 0.
     `timeout` only guards against a hang."""
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *arguments], cwd=ROOT, env=tool_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    return run([sys.executable, str(ROOT / "benchmarks" / script), *arguments], ROOT, timeout=timeout).stdout
 
 
 def test_loop_vs_fit_quick_runs_and_compares_like_with_like(tmp_path):

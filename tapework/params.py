@@ -155,6 +155,7 @@ class TrainParams:
     shuffle_window: int = _spec(min=1, max=MAX_INT, help="shards: examples shuffled together per window (whole shards, at least one)")
     steps_per_execution: int = _spec(min=1, max=10_000)
     jit_compile: bool | str = _spec(choices=("auto",), help="true, false or auto (see TrainParams.use_xla)")
+    jit_min_steps: int = _spec(min=0, max=MAX_INT, help="auto compiles with XLA only for runs of at least this many train steps")
     mixed_precision: bool | str = _spec(choices=("bfloat16",), help="false (float32), true (float16 with loss scaling) or bfloat16")
     on_nonfinite: str = _spec(choices=catalogue.NONFINITE_POLICIES)
     distribute: str = _spec(choices=catalogue.STRATEGIES)
@@ -162,15 +163,17 @@ class TrainParams:
     tensorboard: bool = _spec()
     histogram_every: int = _spec(min=0, help="epochs between weight histograms; 0 turns them off")
 
-    def use_xla(self) -> bool:
+    def use_xla(self, run_steps: int) -> bool:
         """Whether train steps are XLA-compiled: `jit_compile` resolved, `auto` by measurement.
 
         `auto` follows the model family's catalogue entry (`ModelFamily.xla_auto`), on one device
-        only: under a strategy just the forward and backward pass could be compiled, which
-        changes the numbers the distributed tests compare.
+        only (under a strategy just the forward and backward pass could be compiled, which
+        changes the numbers the distributed tests compare), and only for a run of at least
+        `jit_min_steps` train steps (`run_steps`: epochs x batches per epoch): XLA's compile costs
+        seconds in the first epoch, more than a short run gains.
         """
         if self.jit_compile == "auto":
-            return catalogue.MODELS[self.model].xla_auto and self.distribute == "none"
+            return catalogue.MODELS[self.model].xla_auto and self.distribute == "none" and run_steps >= self.jit_min_steps
         return bool(self.jit_compile)
 
 

@@ -93,9 +93,14 @@ def train_epoch(train_function: Any, dataset: Any, steps: int, epoch: int, train
                 return skipped
 
 
+def run_steps(data: Prepared, train_params: TrainParams) -> int:
+    """Train steps of the whole run on one device (epochs x batches per epoch): what `jit_compile: auto` weighs."""
+    return split_steps(data, "train", train_params.batch_size, train_params.drop_remainder, 1) * train_params.epochs
+
+
 def stacks_steps(data: Prepared, train_params: TrainParams, strategy: tf.distribute.Strategy | None) -> bool:
     """Whether steps_per_execution steps run as one XLA program over a stack of batches: one device, XLA, arrays."""
-    return strategy is None and train_params.use_xla() and not data.sharded
+    return strategy is None and train_params.use_xla(run_steps(data, train_params)) and not data.sharded
 
 
 def epoch_dataset(data: Prepared, train_params: TrainParams, epoch: int, strategy: tf.distribute.Strategy | None, workers: int) -> Any:
@@ -170,7 +175,7 @@ def train(
         train_metrics,
         steps_per_execution=train_params.steps_per_execution,
         stop_on_nonfinite=train_params.on_nonfinite == "error",
-        jit_compile=train_params.use_xla(),
+        jit_compile=train_params.use_xla(run_steps(data, train_params)),
         strategy=strategy,
         stacked=stacks_steps(data, train_params, strategy),
     )

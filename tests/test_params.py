@@ -90,6 +90,7 @@ BAD_VALUES = {
     "train.steps_per_execution": [0, 10_001],
     "train.shuffle_window": [0, -10, 2**31],
     "train.jit_compile": [0, "yes", "xla", None],
+    "train.jit_min_steps": [-1, 1.5, "many", None, 2**63],
     "train.mixed_precision": ["no", "float16", "bf16"],
     "train.on_nonfinite": ["ignore"],
     "train.distribute": ["tpu"],
@@ -237,7 +238,10 @@ def test_jit_compile_auto_resolves_by_model_and_strategy(changes, expected):
     for dotted, value in changes.items():
         section, key = dotted.split(".")
         raw[section][key] = value
-    assert parse_params(raw).train.use_xla() is expected
+    train = parse_params(raw).train
+    assert train.use_xla(run_steps=train.jit_min_steps) is expected  # a run just long enough for auto
+    # A shorter run: auto leaves XLA off (its compile would cost more than it saves); true and false stay.
+    assert train.use_xla(run_steps=train.jit_min_steps - 1) is (expected and train.jit_compile is True)
 
 
 @pytest.mark.parametrize("key", ["train.epochs", "train.early_stopping.patience", "download.csv.sha256", "evaluate"])

@@ -64,6 +64,7 @@ def make_dataset(
         if rest and not drop_remainder:
             indices = indices.concatenate(tf.data.Dataset.from_tensors(order[full * batch_size :]))
 
+    @tf.autograph.experimental.do_not_convert  # no tensor control flow: skip AutoGraph's rewrite (see loop.plain_graph)
     def gather(index: tf.Tensor, count: tf.Tensor | None = None) -> tuple[tf.Tensor, ...]:
         if not drop_remainder or stack:
             # The element_spec `.batch(drop_remainder=False)` gives: batch dimension unknown (the short batch's stack too).
@@ -173,6 +174,7 @@ def shard_dataset(
     names = tf.ragged.constant([group for group, _ in plan], dtype=tf.string)
     record = layout.record_bytes
 
+    @tf.autograph.experimental.do_not_convert  # no tensor control flow: skip AutoGraph's rewrite (see loop.plain_graph)
     def read(group: tf.Tensor, permutation: tf.Tensor | None = None) -> tf.Tensor:
         contents = tf.strings.reduce_join(tf.map_fn(tf.io.read_file, group, fn_output_signature=tf.string))
         rows = tf.reshape(tf.io.decode_raw(contents, tf.uint8), [-1, record])
@@ -187,6 +189,7 @@ def shard_dataset(
     batch_dimension = batch_size if drop_remainder else -1
     input_shape = list(layout.input_shape)
 
+    @tf.autograph.experimental.do_not_convert  # no tensor control flow: skip AutoGraph's rewrite (see loop.plain_graph)
     def decode(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         # One decode per batch: slice the record bytes, then reinterpret them (little-endian) as the prepared dtypes.
         inputs, labels = raw[:, : layout.input_bytes], raw[:, layout.input_bytes :]

@@ -99,6 +99,7 @@ class ServingModule(tf.Module):
         super().__init__(name="tapework_serving")
         signature = tf.TensorSpec([None, *input_shape], tf.uint8 if image else tf.float32, name=INPUT_NAME)
 
+        @tf.autograph.experimental.do_not_convert  # no tensor control flow: skip AutoGraph's rewrite (see loop.plain_graph)
         def serve(inputs: tf.Tensor) -> dict[str, tf.Tensor]:
             outputs = outputs_in_target_units(spec, model(inputs, training=False))
             if spec.task == "classification":

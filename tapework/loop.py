@@ -17,6 +17,12 @@ import tensorflow as tf
 
 from tapework.metrics import MetricSet
 
+# AutoGraph rewrites the source of every function a tf.function calls (about 30 ms each, paid by
+# every process at its first trace). Only the step loops and `train_step` branch on tensors; the
+# functions they call are marked plain_graph and skip the rewrite, and so does all they call in
+# turn. Same ops, same bits (tests/test_startup.py checks which functions get converted).
+plain_graph = tf.autograph.experimental.do_not_convert
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -151,6 +157,7 @@ def make_train_function(
     """
     loss_fn = per_example_loss(spec)
 
+    @plain_graph
     def compute_gradients(inputs: Any, labels: Any, global_batch_size: Any) -> tuple[Any, Any, Any]:
         with tf.GradientTape() as tape:
             outputs = model(inputs, training=True)
@@ -164,6 +171,7 @@ def make_train_function(
         gradients = tape.gradient(scaled_loss, model.trainable_variables)
         return outputs, per_example, (loss, gradients)
 
+    @plain_graph
     def apply_update(labels: Any, outputs: Any, per_example: Any, gradients: Any) -> None:
         """The optimizer step (under a strategy: gradients are summed over replicas inside) and metric updates."""
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
@@ -190,6 +198,7 @@ def make_train_function(
         # apply_gradients syncs replicas (merge_call), which XLA cannot hold: compile the replica-local part only.
         compute_gradients = tf.function(compute_gradients, jit_compile=True)
 
+    @plain_graph
     def forward_backward(inputs: Any, labels: Any) -> tuple[Any, Any]:
         """Replica part 1: outputs, per-example loss, gradients, and whether every replica's loss is finite."""
         replica = tf.distribute.get_replica_context()
@@ -217,6 +226,7 @@ def make_eval_step(model: keras.Model, spec: TaskSpec, metrics: MetricSet) -> Ca
     """One validation/test batch: forward pass (training=False), metric updates, outputs back."""
     loss_fn = per_example_loss(spec)
 
+    @plain_graph
     def eval_step(inputs: Any, labels: Any) -> Any:
         outputs = model(inputs, training=False)
         in_units = outputs_in_target_units(spec, outputs)
@@ -237,6 +247,7 @@ class Evaluator:
         self.steps_per_execution = steps_per_execution
         eval_step = make_eval_step(model, spec, metrics)
 
+        @plain_graph
         def step_without_outputs(inputs: Any, labels: Any) -> Any:
             eval_step(inputs, labels)
             return tf.constant(True)

@@ -134,3 +134,48 @@ def test_run_stage_exits_with_its_code_after_the_exit_handlers_and_flushes_both_
 def test_the_predict_command_loads_tensorflow_without_the_extras_too():
     probe = "import sys, tapework.predict; print(sorted(name for name in %r if name in sys.modules))" % sorted(SKIPPED - {"pandas"})
     assert run([sys.executable, "-c", probe], ROOT).stdout.strip() == "[]"  # pandas: predict reads CSV files with it
+
+
+AUTOGRAPH_PROBE = """
+import json
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.autograph.impl import api
+from tapework.batching import make_dataset
+from tapework.loop import Evaluator, TaskSpec, make_train_function
+from tapework.metrics import MetricSet
+from tapework.models import build_model
+import keras
+
+converted = []
+original = api._convert_actual
+def record(entity, program_ctx):
+    converted.append(entity.__qualname__)
+    return original(entity, program_ctx)
+api._convert_actual = record
+
+task = {task!r}
+outputs = 3 if task == "classification" else 1
+model = build_model({{"model": "mlp", "settings": {{"hidden_units": [4], "dropout": 0.5}}, "input_shape": [5], "outputs": outputs,
+                     "l2": 0.01, "seed": 0, "offset": [0.0] * 5, "scale": [1.0] * 5}})
+spec = TaskSpec(task, outputs if task == "classification" else 1)
+optimizer = keras.optimizers.Adam()
+rng = np.random.default_rng(0)
+x = rng.normal(size=(10, 5)).astype(np.float32)
+y = rng.integers(0, 3, size=10).astype(np.int32) if task == "classification" else rng.normal(size=10).astype(np.float32)
+for jit_compile, stack in ((False, 0), (True, 0), (True, 2)):
+    run = make_train_function(model, optimizer, spec, MetricSet(task, 3, 1.0), steps_per_execution=2, jit_compile=jit_compile, stacked=bool(stack))
+    run(iter(make_dataset(x, y, 4, seed=0, stack=stack)))
+evaluator = Evaluator(model, spec, MetricSet(task, 3, 1.0), steps_per_execution=2)
+evaluator(make_dataset(x, y, 4))
+evaluator(make_dataset(x, y, 4), collect_outputs=True)
+print(json.dumps(sorted(set(converted))))
+"""
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_autograph_rewrites_only_the_functions_with_tensor_control_flow(task):
+    # Each AutoGraph conversion costs ~30 ms at a process's first trace; the step's leaf functions
+    # (loss, gradients, update, metrics, batch gathering) are plain graphs and must stay unconverted.
+    converted = json.loads(run([sys.executable, "-c", AUTOGRAPH_PROBE.format(task=task)], ROOT).stdout.splitlines()[-1])
+    assert converted == sorted(["_multi_step.<locals>.run", "_stacked_steps.<locals>.run", "_stacked_steps.<locals>.run_stack", "make_train_function.<locals>.train_step"])

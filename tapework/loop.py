@@ -18,9 +18,9 @@ import tensorflow as tf
 from tapework.metrics import MetricSet
 
 # AutoGraph rewrites the source of every function a tf.function calls (about 30 ms each, paid by
-# every process at its first trace). Only the step loops and `train_step` branch on tensors; the
-# functions they call are marked plain_graph and skip the rewrite, and so does all they call in
-# turn. Same ops, same bits (tests/test_startup.py checks which functions get converted).
+# every process at its first trace). Only the step loops, the short-batch dispatch and
+# `train_step` branch on tensors; the functions they call are marked plain_graph and skip the
+# rewrite, and so does all they call in turn. Same ops, same bits (tests/test_startup.py checks which functions get converted).
 plain_graph = tf.autograph.experimental.do_not_convert
 
 
@@ -106,21 +106,43 @@ def _multi_step(step: Callable[..., Any], steps_per_execution: int, stop_on_bad:
     return run
 
 
-def _stacked_steps(step: Callable[..., Any], stop_on_bad: bool) -> Callable[[Any], Any]:
+def _full_batches_compiled(step: Callable[..., Any], full_batch: int | None, batch_axis: int) -> Callable[..., Any]:
+    """`step` under XLA for batches of `full_batch` examples (along `batch_axis` of the first
+    argument), and as a plain graph for any other size: the epoch's short last batch would have XLA
+    compile the whole program again for its shape (1 to 2.5 s of the first epoch, measured on
+    Fashion-MNIST), for one step an epoch. `full_batch` None compiles every size."""
+    compiled = tf.function(step, jit_compile=True)
+    if full_batch is None:
+        return compiled
+
+    def dispatch(*arguments: Any) -> Any:
+        if tf.shape(arguments[0])[batch_axis] == full_batch:
+            return compiled(*arguments)
+        return step(*arguments)
+
+    return dispatch
+
+
+def _stacked_steps(step: Callable[..., Any], stop_on_bad: bool, full_batch: int | None) -> Callable[[Any], Any]:
     """`run(iterator) -> (steps run, non-finite steps)` over one (inputs, labels, count) stack of batches, its steps in one XLA program."""
 
-    @tf.function(jit_compile=True)
-    def run_stack(inputs: Any, labels: Any, count: Any) -> tuple[Any, Any]:
+    def steps_of_stack(inputs: Any, labels: Any, count: Any) -> tuple[Any, Any]:
         steps = tf.constant(0, tf.int64)
         bad_steps = tf.constant(0, tf.int64)
-        for index in tf.range(count):
+        index = tf.constant(0, tf.int32)
+        # `while`, not `for index in tf.range(count)`: XLA takes a range's length as a compile-time
+        # constant, and would compile the program again for the last stack's count.
+        while index < count:
             good = step(inputs[index], labels[index])
             steps += 1
+            index += 1
             if not good:
                 bad_steps += 1
                 if stop_on_bad:
                     break
         return steps, bad_steps
+
+    run_stack = _full_batches_compiled(steps_of_stack, full_batch, batch_axis=1)
 
     @tf.function
     def run(iterator: Any) -> tuple[Any, Any]:
@@ -143,6 +165,7 @@ def make_train_function(
     jit_compile: bool = False,
     strategy: tf.distribute.Strategy | None = None,
     stacked: bool = False,
+    full_batch: int | None = None,
 ) -> Callable[[Any], Any]:
     """Build `run(iterator) -> (steps_run, nonfinite_steps)`; a non-finite step never updates weights.
 
@@ -150,7 +173,9 @@ def make_train_function(
     backward pass under a strategy. `stacked` (one device, with XLA) reads stacks of batches
     (`batching.make_dataset(..., stack=N)`) and runs each stack's steps as one XLA program: the
     same steps in the same order, bitwise the same weights, without TensorFlow's executor
-    launching every step on its own. With a strategy, `iterator` comes from a distributed
+    launching every step on its own. With `full_batch` (one device, with XLA), a batch of another
+    size, an epoch's short last batch, runs as a plain graph instead of being compiled for its
+    shape: in both ways of grouping steps, so they stay bitwise equal. With a strategy, `iterator` comes from a distributed
     dataset of *global* batches and every replica computes its share; the model, optimizer and
     `metrics` must have been built in `strategy.scope()`, and the optimizer must not clip or
     scale the loss (params validation refuses both with `train.distribute`: not replica-safe).
@@ -187,11 +212,11 @@ def make_train_function(
             return good
 
         if stacked:
-            return _stacked_steps(train_step, stop_on_nonfinite)
+            return _stacked_steps(train_step, stop_on_nonfinite, full_batch)
         if jit_compile:
             # The whole step in one XLA cluster. On CPU the optimizer and metric updates are ~100
             # tiny element-wise ops per step, each dispatched on its own; fused, they cost little.
-            train_step = tf.function(train_step, jit_compile=True)
+            train_step = _full_batches_compiled(train_step, full_batch, batch_axis=0)
         return _multi_step(train_step, steps_per_execution, stop_on_nonfinite)
 
     if jit_compile:

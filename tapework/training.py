@@ -178,6 +178,7 @@ def train(
         jit_compile=train_params.use_xla(run_steps(data, train_params)),
         strategy=strategy,
         stacked=stacks_steps(data, train_params, strategy),
+        full_batch=train_params.batch_size,
     )
     state = TrainingState(model)
     log.info("run %s", run_id(train_params, meta))

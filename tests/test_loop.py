@@ -1,5 +1,7 @@
 """The hand-written train step against an independent NumPy forward/backward pass."""
 
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from tapework.batching import make_dataset
 from tapework.loop import Evaluator, TaskSpec, make_train_function
 from tapework.metrics import MetricSet
 from tapework.models import Dropout, build_model
+from tests.conftest import ROOT, run
 
 
 def tiny_mlp(features=6, hidden=5, classes=3, seed=0):
@@ -71,12 +74,12 @@ def test_train_step_matches_numpy_reference(jit_compile):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def train_weights(steps_per_execution, inputs, labels, jit_compile=False, stacked=False):
+def train_weights(steps_per_execution, inputs, labels, jit_compile=False, stacked=False, full_batch=None):
     model = tiny_mlp(seed=3)
     optimizer = keras.optimizers.Adam(0.01)
     optimizer.build(model.trainable_variables)
     metrics = MetricSet("classification", 3, 1.0)
-    run = make_train_function(model, optimizer, TaskSpec("classification", 3), metrics, steps_per_execution=steps_per_execution, jit_compile=jit_compile, stacked=stacked)
+    run = make_train_function(model, optimizer, TaskSpec("classification", 3), metrics, steps_per_execution=steps_per_execution, jit_compile=jit_compile, stacked=stacked, full_batch=full_batch)
     iterator = iter(make_dataset(inputs, labels, batch_size=7, seed=1, epoch=1, stack=steps_per_execution if stacked else 0))
     total = 0
     while steps := int(run(iterator)[0]):
@@ -84,14 +87,18 @@ def train_weights(steps_per_execution, inputs, labels, jit_compile=False, stacke
     return total, trainable_arrays(model), metrics.results()
 
 
-@pytest.mark.parametrize(("jit_compile", "stacked"), [(False, False), (True, False), (True, True)], ids=["no-xla", "xla", "xla-stacked"])
-def test_steps_per_execution_changes_nothing_but_speed(jit_compile, stacked):
+@pytest.mark.parametrize(
+    ("jit_compile", "stacked", "full_batch"),
+    [(False, False, None), (True, False, None), (True, True, None), (True, False, 7), (True, True, 7)],
+    ids=["no-xla", "xla", "xla-stacked", "xla-short-batch-plain", "xla-stacked-short-batch-plain"],
+)
+def test_steps_per_execution_changes_nothing_but_speed(jit_compile, stacked, full_batch):
     rng = np.random.default_rng(1)
     inputs = rng.normal(size=(50, 6)).astype(np.float32)
     labels = rng.integers(0, 3, size=50).astype(np.int32)
-    steps_one, weights_one, results_one = train_weights(1, inputs, labels, jit_compile)
+    steps_one, weights_one, results_one = train_weights(1, inputs, labels, jit_compile, full_batch=full_batch)
     # Stacked: 7 full batches of 7 as stacks of 3, 3 and 1 (padded to 3), then the short batch of 1 alone.
-    steps_many, weights_many, results_many = train_weights(3 if stacked else 4, inputs, labels, jit_compile, stacked)
+    steps_many, weights_many, results_many = train_weights(3 if stacked else 4, inputs, labels, jit_compile, stacked, full_batch)
     assert steps_one == steps_many == 8  # 50 examples / batch 7, last batch partial
     for a, b in zip(weights_one, weights_many):
         np.testing.assert_array_equal(a, b)
@@ -199,3 +206,40 @@ def test_stacked_dataset_holds_the_same_batches_in_the_same_order(drop_remainder
     unstacked = [batch for _, labels, count in stacks for batch in labels.numpy()[: int(count)]]
     assert len(unstacked) == len(plain) and all(np.array_equal(a, b) for a, b in zip(unstacked, plain))
     assert all(np.array_equal(x.numpy()[..., 0], 2 * y.numpy()) for x, y, _ in stacks)  # inputs gathered with their labels
+
+
+XLA_PROGRAMS_PROBE = """
+import sys
+import keras, numpy as np
+from tapework.batching import make_dataset
+from tapework.loop import TaskSpec, make_train_function
+from tapework.metrics import MetricSet
+from tapework.models import build_model
+
+stacked, full_batch = sys.argv[1] == "stacked", (None if sys.argv[2] == "none" else int(sys.argv[2]))
+model = build_model({"model": "mlp", "settings": {"hidden_units": [4], "dropout": 0.0}, "input_shape": [6], "outputs": 3,
+                     "l2": 0.0, "seed": 0, "offset": [0.0] * 6, "scale": [1.0] * 6})
+optimizer = keras.optimizers.Adam()
+optimizer.build(model.trainable_variables)
+run = make_train_function(model, optimizer, TaskSpec("classification", 3), MetricSet("classification", 3, 1.0),
+                          steps_per_execution=3, jit_compile=True, stacked=stacked, full_batch=full_batch)
+rng = np.random.default_rng(0)
+inputs, labels = rng.normal(size=(50, 6)).astype(np.float32), rng.integers(0, 3, size=50).astype(np.int32)
+for epoch in (1, 2):
+    iterator = iter(make_dataset(inputs, labels, 7, seed=0, epoch=epoch, stack=3 if stacked else 0))
+    while int(run(iterator)[0]):
+        pass
+"""
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "one-step-per-program"])
+def test_xla_compiles_the_step_program_once_when_the_short_batch_runs_plain(tmp_path, stacked):
+    # 50 examples in batches of 7: 7 full batches and a short one of 1, for two epochs. XLA's dump
+    # folder gets one module per compilation of the step program.
+    compiled = {}
+    for full_batch in ("7", "none"):
+        dump = tmp_path / full_batch
+        run([sys.executable, "-c", XLA_PROGRAMS_PROBE, "stacked" if stacked else "unstacked", full_batch], ROOT, XLA_FLAGS=f"--xla_dump_to={dump}")
+        name = "steps_of_stack" if stacked else "train_step"
+        compiled[full_batch] = len([path for path in dump.glob("*.before_optimizations.txt") if name in path.name])
+    assert compiled == {"7": 1, "none": 2}  # the short batch's own program only without full_batch

@@ -216,30 +216,32 @@ from tapework.loop import TaskSpec, make_train_function
 from tapework.metrics import MetricSet
 from tapework.models import build_model
 
-stacked, full_batch = sys.argv[1] == "stacked", (None if sys.argv[2] == "none" else int(sys.argv[2]))
-model = build_model({"model": "mlp", "settings": {"hidden_units": [4], "dropout": 0.0}, "input_shape": [6], "outputs": 3,
-                     "l2": 0.0, "seed": 0, "offset": [0.0] * 6, "scale": [1.0] * 6})
-optimizer = keras.optimizers.Adam()
-optimizer.build(model.trainable_variables)
-run = make_train_function(model, optimizer, TaskSpec("classification", 3), MetricSet("classification", 3, 1.0),
-                          steps_per_execution=3, jit_compile=True, stacked=stacked, full_batch=full_batch)
+full_batch = None if sys.argv[1] == "none" else int(sys.argv[1])
 rng = np.random.default_rng(0)
 inputs, labels = rng.normal(size=(50, 6)).astype(np.float32), rng.integers(0, 3, size=50).astype(np.int32)
-for epoch in (1, 2):
-    iterator = iter(make_dataset(inputs, labels, 7, seed=0, epoch=epoch, stack=3 if stacked else 0))
-    while int(run(iterator)[0]):
-        pass
+for stacked in (True, False):
+    model = build_model({"model": "mlp", "settings": {"hidden_units": [4], "dropout": 0.0}, "input_shape": [6], "outputs": 3,
+                         "l2": 0.0, "seed": 0, "offset": [0.0] * 6, "scale": [1.0] * 6})
+    optimizer = keras.optimizers.Adam()
+    optimizer.build(model.trainable_variables)
+    run = make_train_function(model, optimizer, TaskSpec("classification", 3), MetricSet("classification", 3, 1.0),
+                              steps_per_execution=3, jit_compile=True, stacked=stacked, full_batch=full_batch)
+    for epoch in (1, 2):
+        iterator = iter(make_dataset(inputs, labels, 7, seed=0, epoch=epoch, stack=3 if stacked else 0))
+        while int(run(iterator)[0]):
+            pass
 """
 
 
-@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "one-step-per-program"])
-def test_xla_compiles_the_step_program_once_when_the_short_batch_runs_plain(tmp_path, stacked):
-    # 50 examples in batches of 7: 7 full batches and a short one of 1, for two epochs. XLA's dump
-    # folder gets one module per compilation of the step program.
+def test_xla_compiles_the_step_program_once_when_the_short_batch_runs_plain(tmp_path):
+    # 50 examples in batches of 7: 7 full batches and a short one of 1, for two epochs, stacked
+    # (steps_of_stack) and one step per program (train_step). XLA's dump folder gets one module per
+    # compilation of a program.
     compiled = {}
     for full_batch in ("7", "none"):
         dump = tmp_path / full_batch
-        run([sys.executable, "-c", XLA_PROGRAMS_PROBE, "stacked" if stacked else "unstacked", full_batch], ROOT, XLA_FLAGS=f"--xla_dump_to={dump}")
-        name = "steps_of_stack" if stacked else "train_step"
-        compiled[full_batch] = len([path for path in dump.glob("*.before_optimizations.txt") if name in path.name])
-    assert compiled == {"7": 1, "none": 2}  # the short batch's own program only without full_batch
+        run([sys.executable, "-c", XLA_PROGRAMS_PROBE, full_batch], ROOT, XLA_FLAGS=f"--xla_dump_to={dump}")
+        for program in ("steps_of_stack", "train_step"):
+            compiled[program, full_batch] = len([path for path in dump.glob("*.before_optimizations.txt") if program in path.name])
+    # The short batch's own program only without full_batch; the last stack's smaller count never.
+    assert compiled == {("steps_of_stack", "7"): 1, ("train_step", "7"): 1, ("steps_of_stack", "none"): 2, ("train_step", "none"): 2}

@@ -154,28 +154,28 @@ def record(entity, program_ctx):
     return original(entity, program_ctx)
 api._convert_actual = record
 
-task = {task!r}
-outputs = 3 if task == "classification" else 1
-model = build_model({{"model": "mlp", "settings": {{"hidden_units": [4], "dropout": 0.5}}, "input_shape": [5], "outputs": outputs,
-                     "l2": 0.01, "seed": 0, "offset": [0.0] * 5, "scale": [1.0] * 5}})
-spec = TaskSpec(task, outputs if task == "classification" else 1)
-optimizer = keras.optimizers.Adam()
 rng = np.random.default_rng(0)
 x = rng.normal(size=(10, 5)).astype(np.float32)
-y = rng.integers(0, 3, size=10).astype(np.int32) if task == "classification" else rng.normal(size=10).astype(np.float32)
-for jit_compile, stack in ((False, 0), (True, 0), (True, 2)):
-    run = make_train_function(model, optimizer, spec, MetricSet(task, 3, 1.0), steps_per_execution=2, jit_compile=jit_compile, stacked=bool(stack), full_batch=4)
-    run(iter(make_dataset(x, y, 4, seed=0, stack=stack)))
-evaluator = Evaluator(model, spec, MetricSet(task, 3, 1.0), steps_per_execution=2)
-evaluator(make_dataset(x, y, 4))
-evaluator(make_dataset(x, y, 4), collect_outputs=True)
+for task in ("classification", "regression"):
+    outputs = 3 if task == "classification" else 1
+    model = build_model({"model": "mlp", "settings": {"hidden_units": [4], "dropout": 0.5}, "input_shape": [5], "outputs": outputs,
+                         "l2": 0.01, "seed": 0, "offset": [0.0] * 5, "scale": [1.0] * 5})
+    spec = TaskSpec(task, outputs)
+    optimizer = keras.optimizers.Adam()
+    y = rng.integers(0, 3, size=10).astype(np.int32) if task == "classification" else rng.normal(size=10).astype(np.float32)
+    for jit_compile, stack in ((False, 0), (True, 0), (True, 2)):
+        run = make_train_function(model, optimizer, spec, MetricSet(task, 3, 1.0), steps_per_execution=2, jit_compile=jit_compile, stacked=bool(stack), full_batch=4)
+        run(iter(make_dataset(x, y, 4, seed=0, stack=stack)))
+    evaluator = Evaluator(model, spec, MetricSet(task, 3, 1.0), steps_per_execution=2)
+    evaluator(make_dataset(x, y, 4))
+    evaluator(make_dataset(x, y, 4), collect_outputs=True)
 print(json.dumps(sorted(set(converted))))
 """
 
 
-@pytest.mark.parametrize("task", ["classification", "regression"])
-def test_autograph_rewrites_only_the_functions_with_tensor_control_flow(task):
+def test_autograph_rewrites_only_the_functions_with_tensor_control_flow():
     # Each AutoGraph conversion costs ~30 ms at a process's first trace; the step's leaf functions
     # (loss, gradients, update, metrics, batch gathering) are plain graphs and must stay unconverted.
-    converted = json.loads(run([sys.executable, "-c", AUTOGRAPH_PROBE.format(task=task)], ROOT).stdout.splitlines()[-1])
+    # Both tasks, every grouping of steps and both evaluation paths, in one fresh process.
+    converted = json.loads(run([sys.executable, "-c", AUTOGRAPH_PROBE], ROOT).stdout.splitlines()[-1])
     assert converted == sorted(["_full_batches_compiled.<locals>.dispatch", "_multi_step.<locals>.run", "_stacked_steps.<locals>.run", "_stacked_steps.<locals>.steps_of_stack", "make_train_function.<locals>.train_step"])

@@ -20,7 +20,8 @@ from tapework.metrics import MetricSet
 # AutoGraph rewrites the source of every function a tf.function calls (about 30 ms each, paid by
 # every process at its first trace). Only the step loops, the short-batch dispatch and
 # `train_step` branch on tensors; the functions they call are marked plain_graph and skip the
-# rewrite, and so does all they call in turn. Same ops, same bits (tests/test_startup.py checks which functions get converted).
+# rewrite, and so does all they call in turn. Same ops, same bits (tests/test_startup.py checks
+# which functions get converted).
 plain_graph = tf.autograph.experimental.do_not_convert
 
 
@@ -175,10 +176,11 @@ def make_train_function(
     same steps in the same order, bitwise the same weights, without TensorFlow's executor
     launching every step on its own. With `full_batch` (one device, with XLA), a batch of another
     size, an epoch's short last batch, runs as a plain graph instead of being compiled for its
-    shape: in both ways of grouping steps, so they stay bitwise equal. With a strategy, `iterator` comes from a distributed
-    dataset of *global* batches and every replica computes its share; the model, optimizer and
-    `metrics` must have been built in `strategy.scope()`, and the optimizer must not clip or
-    scale the loss (params validation refuses both with `train.distribute`: not replica-safe).
+    shape: in both ways of grouping steps, so they stay bitwise equal. With a strategy,
+    `iterator` comes from a distributed dataset of *global* batches and every replica computes
+    its share; the model, optimizer and `metrics` must have been built in `strategy.scope()`, and
+    the optimizer must not clip or scale the loss (params validation refuses both with
+    `train.distribute`: not replica-safe).
     """
     loss_fn = per_example_loss(spec)
 

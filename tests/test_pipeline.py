@@ -138,7 +138,7 @@ def _wait_for(repo: Path, pattern: str, process: subprocess.Popen, timeout: floa
     ids=["SIGKILL", "SIGTERM", "SIGINT", "SIGKILL-shards"],
 )
 def test_killed_train_resumes_to_bitwise_identical_result(repo_copy, kill, prepared_format):
-    # XLA on: a tiny run is too short for `auto`, and the compiled (arrays: stacked) steps are the default run's.
+    # XLA on: a tiny run is too short for `auto`, and the compiled (arrays: stacked) steps are what a full-size run uses.
     changes = {"train.epochs": 30, "train.mlp.dropout": 0.3, "train.schedule": "cosine", "preprocess.format": prepared_format, "train.jit_compile": True}
     if prepared_format == "shards":  # 400 training examples in 7 shards, mixed by a buffer smaller than the split
         changes |= {"preprocess.shard_size": 64, "train.shuffle_window": 100}

@@ -216,7 +216,7 @@ class LoopTrainer:
         spec = TaskSpec("classification", NUM_CLASSES)
         # With XLA, train() runs each stack of steps_per_execution batches as one XLA program, the short last batch uncompiled (tapework/loop.py).
         self.stack = steps_per_execution if jit_compile else 0
-        self.run = make_train_function(self.model, self.optimizer, spec, self.metrics, steps_per_execution=steps_per_execution, jit_compile=jit_compile, stacked=bool(self.stack), full_batch=outcome.batch_size)
+        self.run = make_train_function(self.model, self.optimizer, spec, self.metrics, steps_per_execution=steps_per_execution, jit_compile=jit_compile, stacked=bool(self.stack), full_batch=outcome.batch_size if self.stack else None)
         self.steps = steps_per_epoch(len(x), outcome.batch_size, drop_remainder)
 
     def epoch(self, number: int) -> None:

@@ -143,7 +143,7 @@ def epoch_split(model_name: str, batch: int, x: np.ndarray, y: np.ndarray, x_val
     metrics = MetricSet("classification", CLASSES, params.huber_delta)
     # jit_compile: auto decides as for `dvc repro` on Fashion-MNIST at params.yaml's epochs (--quick too).
     pipeline_steps = steps_per_epoch(FASHION_TRAIN, batch, params.drop_remainder) * params.epochs
-    run = make_train_function(model, optimizer, spec, metrics, steps_per_execution=params.steps_per_execution, jit_compile=params.use_xla(pipeline_steps), full_batch=batch)
+    run = make_train_function(model, optimizer, spec, metrics, steps_per_execution=params.steps_per_execution, jit_compile=params.use_xla(pipeline_steps))
     evaluator = Evaluator(model, spec, MetricSet("classification", CLASSES, params.huber_delta), params.steps_per_execution)
     resident = tf.data.Dataset.from_tensors((tf.constant(x[:batch]), tf.constant(y[:batch]))).repeat(steps)
     val_dataset = make_dataset(x_val, y_val, batch)

@@ -168,6 +168,7 @@ def train(
     # Validation runs outside replica context on plain (local) metric variables; it reads the mirrored weights.
     val_metrics = MetricSet(spec.task, spec.num_classes, train_params.huber_delta, target_scale=spec.target_scale)
     evaluator = Evaluator(model, spec, val_metrics, train_params.steps_per_execution)
+    stacked = stacks_steps(data, train_params, strategy)
     train_function = make_train_function(
         model,
         optimizer,
@@ -177,8 +178,10 @@ def train(
         stop_on_nonfinite=train_params.on_nonfinite == "error",
         jit_compile=train_params.use_xla(run_steps(data, train_params)),
         strategy=strategy,
-        stacked=stacks_steps(data, train_params, strategy),
-        full_batch=train_params.batch_size,
+        stacked=stacked,
+        # Stacked: the short last batch runs uncompiled (one XLA program per run). One step per
+        # program compiles it: a size check before every step costs more there than it saves.
+        full_batch=train_params.batch_size if stacked else None,
     )
     state = TrainingState(model)
     log.info("run %s", run_id(train_params, meta))

@@ -14,14 +14,14 @@ from tapework.models import Dropout, build_model
 from tests.conftest import ROOT, run
 
 
-def tiny_mlp(features=6, hidden=5, classes=3, seed=0):
+def tiny_mlp(features=6, hidden=5, classes=3, seed=0, dropout=0.0, l2=0.0):
     keras.utils.set_random_seed(seed)
     config = {
         "model": "mlp",
-        "settings": {"hidden_units": [hidden], "dropout": 0.0},
+        "settings": {"hidden_units": [hidden], "dropout": dropout},
         "input_shape": [features],
         "outputs": classes,
-        "l2": 0.0,
+        "l2": l2,
         "seed": seed,
         "offset": [0.0] * features,
         "scale": [1.0] * features,
@@ -214,14 +214,13 @@ import keras, numpy as np
 from tapework.batching import make_dataset
 from tapework.loop import TaskSpec, make_train_function
 from tapework.metrics import MetricSet
-from tapework.models import build_model
+from tests.test_loop import tiny_mlp
 
 full_batch = None if sys.argv[1] == "none" else int(sys.argv[1])
 rng = np.random.default_rng(0)
 inputs, labels = rng.normal(size=(50, 6)).astype(np.float32), rng.integers(0, 3, size=50).astype(np.int32)
 for stacked in (True, False):
-    model = build_model({"model": "mlp", "settings": {"hidden_units": [4], "dropout": 0.0}, "input_shape": [6], "outputs": 3,
-                         "l2": 0.0, "seed": 0, "offset": [0.0] * 6, "scale": [1.0] * 6})
+    model = tiny_mlp(hidden=4)
     optimizer = keras.optimizers.Adam()
     optimizer.build(model.trainable_variables)
     run = make_train_function(model, optimizer, TaskSpec("classification", 3), MetricSet("classification", 3, 1.0),

@@ -144,7 +144,7 @@ from tensorflow.python.autograph.impl import api
 from tapework.batching import make_dataset
 from tapework.loop import Evaluator, TaskSpec, make_train_function
 from tapework.metrics import MetricSet
-from tapework.models import build_model
+from tests.test_loop import tiny_mlp
 import keras
 
 converted = []
@@ -158,8 +158,7 @@ rng = np.random.default_rng(0)
 x = rng.normal(size=(10, 5)).astype(np.float32)
 for task in ("classification", "regression"):
     outputs = 3 if task == "classification" else 1
-    model = build_model({"model": "mlp", "settings": {"hidden_units": [4], "dropout": 0.5}, "input_shape": [5], "outputs": outputs,
-                         "l2": 0.01, "seed": 0, "offset": [0.0] * 5, "scale": [1.0] * 5})
+    model = tiny_mlp(features=5, hidden=4, classes=outputs, dropout=0.5, l2=0.01)
     spec = TaskSpec(task, outputs)
     optimizer = keras.optimizers.Adam()
     y = rng.integers(0, 3, size=10).astype(np.int32) if task == "classification" else rng.normal(size=10).astype(np.float32)

@@ -221,12 +221,6 @@ def test_build_model_rejects_an_impossible_vit_patch(tmp_path):
 # --- issue 16: environment variables, params.yaml and prepared/model files, stage by stage ----------
 
 
-@pytest.fixture
-def trained_repo(tiny_results):
-    """A repo after a tiny `dvc repro` (digits): every stage's inputs exist. Shared: copy it before a change."""
-    return tiny_results
-
-
 def _edit_json(relative, change):
     def edit(repo):
         path = repo / relative
@@ -289,9 +283,8 @@ STAGE_CASES = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("stage", "env", "edit", "expected"), [case[1:] for case in STAGE_CASES], ids=[case[0] for case in STAGE_CASES])
-def test_bad_environment_params_or_files_stop_a_stage_with_one_line(trained_repo, tmp_path, stage, env, edit, expected):
-    repo = tmp_path / "repo"
-    shutil.copytree(trained_repo, repo, symlinks=True)
+def test_bad_environment_params_or_files_stop_a_stage_with_one_line(tiny_trained, stage, env, edit, expected):
+    repo = tiny_trained  # a copy of a tiny digits run: every stage's inputs exist
     if edit:
         edit(repo)
     outputs = {path: path.read_bytes() for path in sorted((repo / "models").iterdir())}
@@ -304,10 +297,9 @@ def test_bad_environment_params_or_files_stop_a_stage_with_one_line(trained_repo
 
 
 @pytest.mark.slow
-def test_leftover_tf_config_with_distribute_none_no_longer_trains_for_nothing(trained_repo, tmp_path):
+def test_leftover_tf_config_with_distribute_none_no_longer_trains_for_nothing(tiny_trained):
     """The chief rule applies only under multi_worker: without TF_CONFIG a `none` run writes its outputs."""
-    repo = tmp_path / "repo"
-    shutil.copytree(trained_repo, repo, symlinks=True)
+    repo = tiny_trained
     shutil.rmtree(repo / "models")
     run(stage_command("train", repo), repo)
     assert (repo / "models" / "model.json").is_file()

@@ -62,6 +62,11 @@ class DatasetSpec:
     files: tuple[RemoteFile, ...] = ()  # pinned remote files (empty for bundled and csv data)
     sklearn_loader: str | None = None  # sklearn.datasets function for the bundled data sets
     sklearn_options: tuple[tuple[str, object], ...] = ()  # its keyword arguments
+    # The bundled data sets are read from the loader's own files in scikit-learn's package data
+    # (tapework.datasets; tests/test_datasets.py checks the arrays against the loader's):
+    bundled_files: tuple[str, ...] = ()  # the features file, then the target file unless it is the last column
+    bundled_delimiter: str | None = None  # np.loadtxt's delimiter; None = whitespace
+    feature_names: tuple[str, ...] = ()  # tabular bundled data: the loader's column names
     class_names: tuple[str, ...] = ()  # classification: names in label order
     image_shape: tuple[int, int, int] | None = None  # (height, width, channels); None = tabular
     target_name: str | None = None  # regression: what the target is
@@ -100,10 +105,15 @@ def _idx_files(base_url: str, pins: tuple[str, str, str, str], sizes: tuple[int,
 
 
 _DATASET_LIST = (
-    DatasetSpec("digits", "classification", "sklearn", sklearn_loader="load_digits", class_names=DIGIT_CLASSES, image_shape=(8, 8, 1)),
+    DatasetSpec(
+        "digits", "classification", "sklearn", sklearn_loader="load_digits", bundled_files=("digits.csv.gz",), bundled_delimiter=",",
+        class_names=DIGIT_CLASSES, image_shape=(8, 8, 1),
+    ),
     DatasetSpec(
         # scaled=False: the features as recorded (age in years, ...), not scikit-learn's rescaling.
         "diabetes", "regression", "sklearn", sklearn_loader="load_diabetes", sklearn_options=(("scaled", False),),
+        bundled_files=("diabetes_data_raw.csv.gz", "diabetes_target.csv.gz"),
+        feature_names=("age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6"),
         target_name="disease progression one year after baseline", target_units="score (25 to 346)",
     ),
     # TensorFlow Datasets' MNIST source (the CVDF mirror of yann.lecun.com); pins as in TFDS's checksums.

@@ -90,6 +90,29 @@ def test_catalogue_entries_are_complete() -> None:
             assert remote.url is None or remote.url.startswith("https://") and remote.url.endswith("/" + remote.name)
 
 
+@pytest.mark.parametrize("name", [name for name, spec in DATASETS.items() if spec.format == "sklearn"])
+def test_bundled_data_sets_are_read_bit_for_bit_as_their_scikit_learn_loader_returns_them(name, tmp_path) -> None:
+    """The download stage reads scikit-learn's data files itself (no scikit-learn import); the arrays
+    and feature names it writes are the loader's, and the file records the loader and its version."""
+    import sklearn
+    from sklearn import datasets as sk_datasets
+
+    spec = DATASETS[name]
+    bunch = getattr(sk_datasets, spec.sklearn_loader)(**dict(spec.sklearn_options))
+    features, targets = datasets.bundled_arrays(spec)
+    assert features.dtype == bunch.data.dtype and np.array_equal(features, bunch.data)
+    assert np.array_equal(targets, bunch.target) and targets.astype(bunch.target.dtype).tobytes() == bunch.target.tobytes()
+    manifest = fetch_dataset(make_params({"download.dataset": name}).download, tmp_path / "raw")
+    written = np.load(tmp_path / "raw" / f"{name}.npz")
+    if spec.image_shape is not None:
+        assert np.array_equal(written["x"], bunch.images.astype(np.uint8)[..., np.newaxis]) and written["x"].dtype == np.uint8
+    else:
+        assert list(written["feature_names"]) == list(bunch.feature_names) == list(spec.feature_names)
+        assert np.array_equal(written["x"], bunch.data)
+    assert np.array_equal(written["y"], bunch.target)
+    assert manifest["sources"][f"{name}.npz"] == {"url": f"sklearn.datasets.{spec.sklearn_loader}", "scikit-learn": sklearn.__version__}
+
+
 @pytest.mark.parametrize(
     ("dataset", "folder"), [("mnist", "mnist"), ("fashion_mnist", "fashion-mnist"), ("california_housing", "california-housing")]
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -65,12 +66,18 @@ def repo_copy(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "repo", TINY_PARAMS)
 
 
+# Beside the `tiny_results` repo: what its `dvc repro` printed ({"stdout": ..., "stderr": ...}).
+TINY_REPRO_OUTPUT = "repro-output.json"
+
+
 @pytest.fixture(scope="session")
 def tiny_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A repo copy with tiny params after one full `dvc repro`, made once per test process (each
-    pytest-xdist worker): never use it directly, take a copy with `tiny_trained`."""
+    """A repo copy with tiny params after one full `dvc repro` from scratch, made once per test process
+    (each pytest-xdist worker): never use it directly, take a copy with `tiny_trained`. What that
+    run printed is in TINY_REPRO_OUTPUT beside it."""
     repo = copy_project(tmp_path_factory.mktemp("tiny-results") / "repo", TINY_PARAMS)
-    run(["dvc", "repro"], repo, TAPEWORK_CACHE=str(repo.parent / "cache"))
+    result = run(["dvc", "repro"], repo, TAPEWORK_CACHE=str(repo.parent / "cache"))
+    (repo.parent / TINY_REPRO_OUTPUT).write_text(json.dumps({"stdout": result.stdout, "stderr": result.stderr}))
     return repo
 
 

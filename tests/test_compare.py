@@ -16,7 +16,7 @@ import yaml
 from tapework.compare import CompareError, Side, as_json, choose_test, compare, is_worse, main, pairs, render_markdown, render_text
 from tapework.io import write_json
 from tapework.stats import seeds_needed
-from tests.conftest import copy_project, run, update_params
+from tests.conftest import TINY_PARAMS, copy_project, run, update_params
 
 SEEDS = (7, 8, 42)
 
@@ -197,9 +197,9 @@ def seed_values(repo: Path, metric: str, seeds: tuple[int, ...]) -> dict[int, fl
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_three_seeds_at_two_learning_rates_end_to_end(tmp_path):
-    """The default digits pipeline with repeats.extra_seeds [7, 8] at learning rates 1e-3 (committed) and
+    """The tiny digits pipeline with repeats.extra_seeds [7, 8] at learning rates 1e-3 (committed) and
     3e-3 (a DVC experiment); the compare command's verdict is checked against scipy on the per-seed files."""
-    repo = copy_project(tmp_path / "repo", {"repeats.extra_seeds": [7, 8]})
+    repo = copy_project(tmp_path / "repo", TINY_PARAMS | {"repeats.extra_seeds": [7, 8]})
     run(["dvc", "repro"], repo, timeout=900)
     git_commit(repo, "lr 1e-3, 3 seeds")
     before = seed_values(repo, "test.accuracy", (7, 8))

@@ -3,14 +3,16 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run, stage_command, tool_env, update_params
+from tests.conftest import TINY_PARAMS, TINY_REPRO_OUTPUT, copy_project, run, stage_command, tool_env, update_params
 
 STAGES = ("download", "preprocess", "train", "evaluate", "export")
 EXPORTED = ("export/model/model_card.json", "export/model/model.tflite", "export/model/saved_model/saved_model.pb", "export/model/saved_model/variables/variables.index", "export/model/saved_model/variables/variables.data-00000-of-00001")
@@ -27,8 +29,11 @@ def commit(repo: Path, message: str) -> None:
 
 
 @pytest.mark.slow
-def test_dvc_repro_end_to_end_skip_diff_and_bitwise_rerun(repo_copy):
-    first = run(["dvc", "repro"], repo_copy)
+def test_dvc_repro_end_to_end_skip_diff_and_bitwise_rerun(tiny_results, tiny_trained):
+    # The first run from scratch is the shared fixture's: a copy of its outputs and what it printed.
+    repo_copy = tiny_trained
+    printed = json.loads((tiny_results.parent / TINY_REPRO_OUTPUT).read_text())
+    first = subprocess.CompletedProcess(["dvc", "repro"], 0, printed["stdout"], printed["stderr"])
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
     # The TFLite converter's and LiteRT's known notices are filtered out of the export stage's output,
@@ -131,24 +136,42 @@ def _wait_for(repo: Path, pattern: str, process: subprocess.Popen, timeout: floa
         time.sleep(0.01)
 
 
+KILL_OUTPUTS = ("models/model.weights.npz", "metrics/train.json", "metrics/train_history.tsv")
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_train(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, dict[str, bytes]]]:
+    """For a prepared format: a tiny repo with the kill tests' params, prepared, and the bytes of its
+    uninterrupted train run. Made once per format in each test process (pytest-xdist worker)."""
+    made: dict[str, tuple[Path, dict[str, bytes]]] = {}
+
+    def reference(prepared_format: str) -> tuple[Path, dict[str, bytes]]:
+        if prepared_format not in made:
+            # XLA on: a tiny run is too short for `auto`, and the compiled (arrays: stacked) steps are what a full-size run uses.
+            changes = {"train.epochs": 30, "train.mlp.dropout": 0.3, "train.schedule": "cosine", "preprocess.format": prepared_format, "train.jit_compile": True}
+            if prepared_format == "shards":  # 400 training examples in 7 shards, mixed by a buffer smaller than the split
+                changes |= {"preprocess.shard_size": 64, "train.shuffle_window": 100}
+            repo = copy_project(tmp_path_factory.mktemp(f"uninterrupted-{prepared_format}") / "repo", TINY_PARAMS | changes)
+            run(["dvc", "repro", "preprocess"], repo)
+            assert len(list((repo / "data/prepared").glob("train-*.rec"))) == (7 if prepared_format == "shards" else 0)
+            run(stage_command("train", repo), repo)
+            made[prepared_format] = repo, {name: (repo / name).read_bytes() for name in KILL_OUTPUTS}
+        return made[prepared_format]
+
+    return reference
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("kill", "prepared_format"),
     [(signal.SIGKILL, "arrays"), (signal.SIGTERM, "arrays"), (signal.SIGINT, "arrays"), (signal.SIGKILL, "shards")],
     ids=["SIGKILL", "SIGTERM", "SIGINT", "SIGKILL-shards"],
 )
-def test_killed_train_resumes_to_bitwise_identical_result(repo_copy, kill, prepared_format):
-    # XLA on: a tiny run is too short for `auto`, and the compiled (arrays: stacked) steps are what a full-size run uses.
-    changes = {"train.epochs": 30, "train.mlp.dropout": 0.3, "train.schedule": "cosine", "preprocess.format": prepared_format, "train.jit_compile": True}
-    if prepared_format == "shards":  # 400 training examples in 7 shards, mixed by a buffer smaller than the split
-        changes |= {"preprocess.shard_size": 64, "train.shuffle_window": 100}
-    update_params(repo_copy / "params.yaml", changes)
-    run(["dvc", "repro", "preprocess"], repo_copy)
-    assert len(list((repo_copy / "data/prepared").glob("train-*.rec"))) == (7 if prepared_format == "shards" else 0)
-    run(stage_command("train", repo_copy), repo_copy)
-    reference = {name: (repo_copy / name).read_bytes() for name in ("models/model.weights.npz", "metrics/train.json", "metrics/train_history.tsv")}
-    for name in ("checkpoints", "models", "metrics"):
-        subprocess.run(["rm", "-rf", str(repo_copy / name)], check=True)
+def test_killed_train_resumes_to_bitwise_identical_result(uninterrupted_train, tmp_path, kill, prepared_format):
+    finished, reference = uninterrupted_train(prepared_format)
+    repo_copy = tmp_path / "repo"
+    # The prepared repo without the finished run's checkpoints and outputs: the run below starts from scratch.
+    shutil.copytree(finished, repo_copy, symlinks=True, ignore=shutil.ignore_patterns("checkpoints", "models", "metrics"))
 
     process = _start_train(repo_copy)
     _wait_for(repo_copy, "checkpoints/*/ckpt-3.index", process)  # the run's own folder under checkpoints/

@@ -81,7 +81,8 @@ def test_catalogue_entries_are_complete() -> None:
         assert spec.name == name
         assert spec.format in catalogue.FORMATS and spec.format in datasets._FORMATS, name
         assert spec.task in (*catalogue.TASKS, None), name
-        assert (spec.sklearn_loader is not None) == (spec.format == "sklearn"), name
+        assert (spec.sklearn_loader is not None) == (spec.format == "sklearn") == bool(spec.bundled_files), name
+        assert bool(spec.feature_names) == (spec.format == "sklearn" and spec.image_shape is None), name  # tabular bundled data names its columns
         assert (spec.target_name is not None) == (spec.task == "regression"), name
         assert len(spec.class_names) == (10 if spec.task == "classification" and spec.format != "idx_params" else 0), name  # idx_params: from download.idx
         for remote in spec.files:

@@ -60,10 +60,12 @@ class DatasetSpec:
     task: str | None  # None: taken from download.csv.task
     format: str  # one of FORMATS
     files: tuple[RemoteFile, ...] = ()  # pinned remote files (empty for bundled and csv data)
-    sklearn_loader: str | None = None  # sklearn.datasets function for the bundled data sets
-    sklearn_options: tuple[tuple[str, object], ...] = ()  # its keyword arguments
-    # The bundled data sets are read from the loader's own files in scikit-learn's package data
-    # (tapework.datasets; tests/test_datasets.py checks the arrays against the loader's):
+    # A bundled data set is what `sklearn.datasets.<sklearn_loader>(**sklearn_options)` returns. The
+    # download stage records the loader in the manifest and reads the loader's own files from
+    # scikit-learn's package data instead of calling it (tapework.datasets.bundled_arrays);
+    # tests/test_datasets.py calls the loader and checks the arrays against it:
+    sklearn_loader: str | None = None
+    sklearn_options: tuple[tuple[str, object], ...] = ()
     bundled_files: tuple[str, ...] = ()  # the features file, then the target file unless it is the last column
     bundled_delimiter: str | None = None  # np.loadtxt's delimiter; None = whitespace
     feature_names: tuple[str, ...] = ()  # tabular bundled data: the loader's column names

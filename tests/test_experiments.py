@@ -156,6 +156,10 @@ def stop_queue(repo: Path) -> None:
 @pytest.mark.timeout(600)
 def test_queue_with_two_workers_finishes_both_experiments_intact(repo_copy):
     rates = {"lr-002": 0.002, "lr-004": 0.004}
+    # As docs/comparing-runs.md says: the stages every queued run shares have run once before the
+    # workers start, so the workers restore them from DVC's run cache. Two workers that both run and
+    # save the same stage race in DVC 3.67's run cache (one deletes the other's half-written entry).
+    run(["dvc", "repro", "preprocess"], repo_copy)
     try:
         for name, rate in rates.items():
             run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={rate}"], repo_copy)
@@ -171,6 +175,10 @@ def test_queue_with_two_workers_finishes_both_experiments_intact(repo_copy):
         failed = [name for name in rates if states[name] != "Success"]
         logs = {name: run(["dvc", "queue", "logs", name], repo_copy, check=False).stdout[-3000:] for name in failed}
         assert not failed, f"queued experiments failed: {states}\n" + "\n".join(f"--- dvc queue logs {n}:\n{text}" for n, text in logs.items())
+        for name in rates:
+            log = run(["dvc", "queue", "logs", name], repo_copy).stdout
+            for stage in ("download", "preprocess"):
+                assert f"Running stage '{stage}'" not in log, f"{name} ran {stage} instead of restoring it:\n{log[-3000:]}"
 
         found = experiments(exp_show(repo_copy))
         results = {}

@@ -16,6 +16,58 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
+# Test tiers (README "Tests"). Tier 2 is the tests marked `tier2`: long end-to-end checks of the
+# tools around the pipeline (benchmark scripts, the browser, DVC's queue and lock, the gate, the
+# multi-seed statistics runs). Run with no test paths, pytest runs tier 1 (the README's test
+# command); naming files or tests runs them whatever their tier; --tier picks explicitly.
+TIERS = ("1", "2", "all")
+TIER_KEY = "tapework_tier"  # xdist hands the controller's choice to each worker under this key
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--tier", choices=TIERS, default=None,
+        help="1: every test not marked tier2 (the default when no test paths are named); 2: only the "
+        "tier2 tests; all: every test (what .ci/run runs, as tier 1 then tier 2)",
+    )
+
+
+def selected_tier(config: pytest.Config) -> str:
+    if hasattr(config, "workerinput"):
+        return config.workerinput[TIER_KEY]
+    tier = config.getoption("--tier")
+    if tier is None:
+        tier = "1" if config.args_source == pytest.Config.ArgsSource.TESTPATHS else "all"
+    return tier
+
+
+def pytest_configure_node(node) -> None:  # pytest-xdist hook, called in the controller per worker
+    node.workerinput[TIER_KEY] = selected_tier(node.config)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    tier = selected_tier(config)
+    other = {"1": "`--tier 2` runs the rest, `--tier all` every test", "2": "tier 1 is the default", "all": ""}[tier]
+    return f"tapework test tier: {tier}" + (f" ({other})" if other else "")
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # xdist's workers do not print; the controller says it once
+        terminalreporter.write_line(pytest_report_header(config))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tier = selected_tier(config)
+    if tier == "all":
+        return
+    keep, drop = [], []
+    for item in items:
+        in_tier_two = item.get_closest_marker("tier2") is not None
+        (keep if in_tier_two == (tier == "2") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
 
 def make_params(changes: dict[str, object] | None = None) -> Params:
     """The committed params.yaml with dotted-key `changes`, validated: tests run the settings `dvc repro` runs."""

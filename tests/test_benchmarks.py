@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import ROOT, run, shared_data
 
+pytestmark = pytest.mark.tier2  # tools around the pipeline: tier 2 (tests/conftest.py)
+
 
 def run_benchmark(script: str, *arguments: str, timeout: float) -> str:
     """`python benchmarks/<script> ARGUMENTS` from the project root; its stdout, after checking it exited 0.

@@ -195,6 +195,7 @@ def seed_values(repo: Path, metric: str, seeds: tuple[int, ...]) -> dict[int, fl
 
 
 @pytest.mark.slow
+@pytest.mark.tier2
 @pytest.mark.timeout(900)
 def test_three_seeds_at_two_learning_rates_end_to_end(tmp_path):
     """The tiny digits pipeline with repeats.extra_seeds [7, 8] at learning rates 1e-3 (committed) and

@@ -153,6 +153,7 @@ def stop_queue(repo: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.tier2
 @pytest.mark.timeout(600)
 def test_queue_with_two_workers_finishes_both_experiments_intact(repo_copy):
     rates = {"lr-002": 0.002, "lr-004": 0.004}
@@ -203,6 +204,7 @@ def test_queue_with_two_workers_finishes_both_experiments_intact(repo_copy):
 
 
 @pytest.mark.slow
+@pytest.mark.tier2
 @pytest.mark.timeout(400)
 def test_second_repro_while_one_runs_gets_the_lock_error_and_the_first_completes(repo_copy, tmp_path):
     epochs = 100  # about 15 s of training on tiny data: the second repro gives up on the lock after 3 s

@@ -328,6 +328,7 @@ def any_marks(page: PageReader) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.tier2
 @pytest.mark.parametrize("task", ["classification", "regression"])
 def test_every_chart_draws_offline_and_the_cdn_page_draws_nothing(task, tmp_path):
     browser_page = built_page()

@@ -72,6 +72,7 @@ def kill_during_a_seed(repo: Path, log: Path, epochs: int) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.tier2
 @pytest.mark.timeout(900)
 def test_killed_repeats_retrain_only_the_missing_seeds(repo_copy, tmp_path):
     epochs = 60  # long enough on tiny data to catch a seed mid-way

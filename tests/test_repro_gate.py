@@ -362,6 +362,7 @@ def gate_cli(repo: Path, tmp_path: Path, *args: str):
 
 
 @pytest.mark.slow
+@pytest.mark.tier2
 @pytest.mark.timeout(900)
 def test_gate_end_to_end_reproduced_then_tampered_then_broken(tiny_trained, tmp_path):
     repo_copy = tiny_trained  # a tiny run's outputs, not yet committed

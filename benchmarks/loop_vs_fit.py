@@ -60,7 +60,7 @@ from tapework.metrics import MetricSet  # noqa: E402
 from tapework.models import build_model, model_config  # noqa: E402
 from tapework.params import TrainParams, load_params  # noqa: E402
 from tapework.preprocess import normalization_stats  # noqa: E402
-from tapework.training import train_epoch  # noqa: E402
+from tapework.training import step_grouping, train_epoch  # noqa: E402
 from tools.machine import machine_description  # noqa: E402
 from tools.workspace import ROOT  # noqa: E402
 
@@ -214,9 +214,10 @@ class LoopTrainer:
         self.optimizer.build(self.model.trainable_variables)  # slots must exist before the first traced step
         self.metrics = MetricSet("classification", NUM_CLASSES, self.params.huber_delta)  # what train() tracks for this task
         spec = TaskSpec("classification", NUM_CLASSES)
-        # With XLA, train() runs each stack of steps_per_execution batches as one XLA program, the short last batch uncompiled (tapework/loop.py).
-        self.stack = steps_per_execution if jit_compile else 0
-        self.run = make_train_function(self.model, self.optimizer, spec, self.metrics, steps_per_execution=steps_per_execution, jit_compile=jit_compile, stacked=bool(self.stack), full_batch=outcome.batch_size if self.stack else None)
+        # One device, arrays: the steps grouped as train() groups them.
+        grouping = step_grouping(steps_per_execution, outcome.batch_size, jit_compile, one_device_arrays=True)
+        self.stack = grouping.stack
+        self.run = make_train_function(self.model, self.optimizer, spec, self.metrics, steps_per_execution=steps_per_execution, jit_compile=jit_compile, stacked=bool(grouping.stack), full_batch=grouping.full_batch)
         self.steps = steps_per_epoch(len(x), outcome.batch_size, drop_remainder)
 
     def epoch(self, number: int) -> None:

@@ -98,16 +98,32 @@ def run_steps(data: Prepared, train_params: TrainParams) -> int:
     return split_steps(data, "train", train_params.batch_size, train_params.drop_remainder, 1) * train_params.epochs
 
 
-def stacks_steps(data: Prepared, train_params: TrainParams, strategy: tf.distribute.Strategy | None) -> bool:
-    """Whether steps_per_execution steps run as one XLA program over a stack of batches: one device, XLA, arrays."""
-    return strategy is None and train_params.use_xla(run_steps(data, train_params)) and not data.sharded
+@dataclass(frozen=True)
+class StepGrouping:
+    """How train() groups steps into compiled calls; `benchmarks/loop_vs_fit.py` runs the loop the same way.
+
+    `stack` > 0: batches come in stacks of that many (`batching.make_dataset(stack=...)`) and each
+    stack's steps run as one XLA program; 0: the step loop reads one batch per step. `full_batch`:
+    only batches of this size run under XLA, the epoch's short last batch as a plain graph, so XLA
+    compiles one program per run. Only stacks use it: with one step per program, a size check
+    before every step costs more than compiling the short batch saves (README, Performance).
+    """
+
+    stack: int
+    full_batch: int | None
 
 
-def epoch_dataset(data: Prepared, train_params: TrainParams, epoch: int, strategy: tf.distribute.Strategy | None, workers: int) -> Any:
-    """One epoch's training batches: a function of (seed, epoch), so a resumed run sees what an uninterrupted one saw."""
+def step_grouping(steps_per_execution: int, batch_size: int, jit_compile: bool, one_device_arrays: bool) -> StepGrouping:
+    """Stacks on one device with XLA and arrays (not shards, not under a strategy); elsewhere one batch per step."""
+    if jit_compile and one_device_arrays:
+        return StepGrouping(stack=steps_per_execution, full_batch=batch_size)
+    return StepGrouping(stack=0, full_batch=None)
+
+
+def epoch_dataset(data: Prepared, train_params: TrainParams, epoch: int, strategy: tf.distribute.Strategy | None, workers: int, stack: int) -> Any:
+    """One epoch's training batches (in stacks of `stack` when > 0): a function of (seed, epoch), so a resumed run sees what an uninterrupted one saw."""
     settings = {"seed": train_params.seed, "epoch": epoch, "drop_remainder": train_params.drop_remainder, "shuffle_window": train_params.shuffle_window}
     if strategy is None:
-        stack = train_params.steps_per_execution if stacks_steps(data, train_params, strategy) else 0
         return split_dataset(data, "train", train_params.batch_size, stack=stack, **settings)
     if workers > 1:
         return distribute_shards(strategy, lambda index: split_dataset(data, "train", train_params.batch_size // workers, worker=(index, workers), **settings))
@@ -168,7 +184,8 @@ def train(
     # Validation runs outside replica context on plain (local) metric variables; it reads the mirrored weights.
     val_metrics = MetricSet(spec.task, spec.num_classes, train_params.huber_delta, target_scale=spec.target_scale)
     evaluator = Evaluator(model, spec, val_metrics, train_params.steps_per_execution)
-    stacked = stacks_steps(data, train_params, strategy)
+    jit_compile = train_params.use_xla(run_steps(data, train_params))
+    grouping = step_grouping(train_params.steps_per_execution, train_params.batch_size, jit_compile, one_device_arrays=strategy is None and not data.sharded)
     train_function = make_train_function(
         model,
         optimizer,
@@ -176,12 +193,10 @@ def train(
         train_metrics,
         steps_per_execution=train_params.steps_per_execution,
         stop_on_nonfinite=train_params.on_nonfinite == "error",
-        jit_compile=train_params.use_xla(run_steps(data, train_params)),
+        jit_compile=jit_compile,
         strategy=strategy,
-        stacked=stacked,
-        # Stacked: the short last batch runs uncompiled (one XLA program per run). One step per
-        # program compiles it: a size check before every step costs more there than it saves.
-        full_batch=train_params.batch_size if stacked else None,
+        stacked=bool(grouping.stack),
+        full_batch=grouping.full_batch,
     )
     state = TrainingState(model)
     log.info("run %s", run_id(train_params, meta))
@@ -198,7 +213,7 @@ def train(
             epoch = int(state.epoch) + 1
             started = time.perf_counter()
             train_metrics.reset()
-            dataset = epoch_dataset(data, train_params, epoch, strategy, workers)
+            dataset = epoch_dataset(data, train_params, epoch, strategy, workers, grouping.stack)
             skipped = train_epoch(train_function, dataset, steps, epoch, train_params, train_metrics)
             if skipped:
                 log.warning("epoch %d: skipped %d step(s) with a non-finite loss", epoch, skipped)

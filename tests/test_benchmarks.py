@@ -132,3 +132,16 @@ def test_startup_quick_times_the_tensorflow_import_and_the_exit_both_ways(tmp_pa
     assert re.search(r"^IMPORT what=tensorflow without_hook_s=\d+\.\d\d with_hook_s=\d+\.\d\d ratio=\d+\.\d\d$", out, re.M), out
     assert ended["python_exit_seconds"] > 0 and ended["exit_now_seconds"] > 0
     assert re.search(r"^EXIT python_exit_s=\d+\.\d\d exit_now_s=\d+\.\d\d teardown_s=-?\d+\.\d\d$", out, re.M), out
+
+
+def test_loop_modes_quick_prints_each_epoch_with_its_cpu_ticks(tmp_path):
+    report_path = tmp_path / "modes.json"
+    out = run_benchmark("loop_modes.py", "--quick", "--json", str(report_path), timeout=180)  # the quick run takes seconds
+    assert re.search(r"^RUN model=mlp batch=64 samples=2048 steps_per_execution=\d+ jit_compile=True op_determinism=on cpus=\d+$", out, re.M), out
+    epochs = json.loads(report_path.read_text())["epochs"]
+    assert [epoch["epoch"] for epoch in epochs] == [1, 2, 3]
+    for epoch in epochs:
+        assert re.search(rf"^EPOCH {epoch['epoch']} samples/s=[\d,]+ process_cores=\d+\.\d\d idle_ticks=\d+ steal_ticks=\d+ wall_ticks=\d+ busiest_threads=\S+\[\d+\]:\d+", out, re.M), out
+        assert epoch["samples_per_second"] > 0 and epoch["process_cores"] > 0 and len(epoch["busiest_threads"]) == 3
+    # The first epoch traces and compiles on this process's threads: they did measurable work.
+    assert sum(thread["ticks"] for thread in epochs[0]["busiest_threads"]) > 0

@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=loop_vs_fit.FASHION_TRAIN, help="training examples (default 60000)")
     parser.add_argument("--real", type=Path, metavar="PATH", help="folder with the Fashion-MNIST IDX .gz files, instead of random data")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--jit-compile", choices=("auto", "true", "false"), default="auto", help="XLA: auto resolves as train() does for this run (default)")
+    parser.add_argument("--jit-compile", choices=("auto", "true", "false"), default="auto", help="XLA: auto resolves as for loop_vs_fit.py's (c), `dvc repro` on Fashion-MNIST (default)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2048 random examples, batch 64, 3 epochs, XLA on")
     parser.add_argument("--json", type=Path, help="also write the epochs to this JSON file")
     args = parser.parse_args(argv)
@@ -85,10 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tf.config.experimental.enable_op_determinism()  # as tapework.training.train does
     x, y = loop_vs_fit.real_data(args.real, args.samples) if args.real else loop_vs_fit.synthetic_data(args.samples, args.seed)
-    defaults = loop_vs_fit.load_params(loop_vs_fit.ROOT / "params.yaml").train
+    defaults, pipeline_steps = loop_vs_fit.pipeline_settings(args.model, args.batch)
     steps_per_execution = defaults.steps_per_execution
-    run_steps = loop_vs_fit.steps_per_epoch(len(x), args.batch, False) * args.epochs
-    jit_compile = defaults.use_xla(run_steps) if args.jit_compile == "auto" else args.jit_compile == "true"
+    jit_compile = defaults.use_xla(pipeline_steps) if args.jit_compile == "auto" else args.jit_compile == "true"
     outcome = loop_vs_fit.Outcome("c", "(c) loop", args.batch, len(x), args.model)
     trainer = loop_vs_fit.LoopTrainer(outcome, x, y, loop_vs_fit.make_config(x, args.seed, args.model), args.seed, steps_per_execution, jit_compile=jit_compile)
     print(f"MACHINE {machine_description()}")

@@ -241,6 +241,13 @@ class LoopTrainer:
 # --------------------------------------------------------------------------------------------
 
 
+def pipeline_settings(model: str, batch_size: int) -> tuple[TrainParams, int]:
+    """params.yaml's train settings for `model`, and the train steps of the run that `jit_compile:
+    auto` weighs for them: `dvc repro` on Fashion-MNIST at params.yaml's epochs."""
+    defaults = dataclasses.replace(load_params(ROOT / "params.yaml").train, model=model)
+    return defaults, steps_per_epoch(FASHION_TRAIN, batch_size, defaults.drop_remainder) * defaults.epochs
+
+
 def variants(args: argparse.Namespace, defaults: TrainParams, run_steps: int) -> list[tuple[str, str, Callable[..., Any], dict[str, Any]]]:
     """(key, label, trainer class, trainer kwargs); keys a, b, c are the issue's three.
 
@@ -343,11 +350,9 @@ def run_one_setting(args: argparse.Namespace) -> int:
     ratios: dict[str, float] = {}
     for model in args.models:
         config = make_config(x, args.seed, model)
-        defaults = dataclasses.replace(load_params(ROOT / "params.yaml").train, model=model)
         for batch_size in args.batch_sizes:
             trainers: dict[str, Any] = {}
-            # jit_compile: auto decides as for `dvc repro` on Fashion-MNIST at params.yaml's epochs (--quick too).
-            pipeline_steps = steps_per_epoch(FASHION_TRAIN, batch_size, defaults.drop_remainder) * defaults.epochs
+            defaults, pipeline_steps = pipeline_settings(model, batch_size)  # --quick too
             for key, label, kind, kwargs in variants(args, defaults, pipeline_steps):
                 trainers[key] = kind(Outcome(key, label, batch_size, len(x), model), x, y, config, args.seed, **kwargs)
             keys = list(trainers)

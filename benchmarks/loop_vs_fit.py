@@ -202,6 +202,7 @@ class LoopTrainer:
         policy: str = "float32",
     ) -> None:
         self.outcome, self.x, self.y, self.seed = outcome, x, y, seed
+        self.inputs, self.labels = tf.constant(x), tf.constant(y)  # converted once, as split_dataset keeps a split's tensors
         self.drop_remainder = drop_remainder
         # What train_epoch reads: steps per call, and stop with an error on a non-finite loss.
         self.params = dataclasses.replace(load_params(ROOT / "params.yaml").train, steps_per_execution=steps_per_execution, on_nonfinite="error")
@@ -224,7 +225,7 @@ class LoopTrainer:
         steps_before = int(self.optimizer.iterations)
         started = time.perf_counter()
         self.metrics.reset()
-        dataset = make_dataset(self.x, self.y, self.outcome.batch_size, seed=self.seed, epoch=number, drop_remainder=self.drop_remainder, stack=self.stack)
+        dataset = make_dataset(self.inputs, self.labels, self.outcome.batch_size, seed=self.seed, epoch=number, drop_remainder=self.drop_remainder, stack=self.stack)
         train_epoch(self.run, dataset, self.steps, number, self.params)  # the epoch driver tapework.training.train uses
         results = self.metrics.results()
         self.outcome.epoch_seconds.append(time.perf_counter() - started)

@@ -176,6 +176,29 @@ def test_streamed_epochs_read_each_example_once_in_an_order_set_by_seed_and_epoc
     assert np.concatenate(in_order).tobytes() == arrays.split("val")[1].tobytes()  # no seed: file order
 
 
+def test_both_formats_read_ahead_a_fixed_depth_without_tf_data_autotuning(sharded_digits):
+    # Autotuning's model thread makes each epoch's iterator deletion wait for its timer (batching.read_ahead).
+    from tapework.batching import PREFETCH_ELEMENTS, split_dataset
+
+    for prepared in sharded_digits:
+        for stack in (0,) if prepared.sharded else (0, 3):
+            dataset = split_dataset(prepared, "train", 32, seed=1, epoch=1, stack=stack)
+            assert dataset.options().autotune.enabled is False, (prepared.sharded, stack)
+            assert int(dataset._buffer_size) == PREFETCH_ELEMENTS  # the last step is the fixed-depth prefetch
+
+
+def test_array_splits_become_tensors_once_and_every_epoch_reuses_them(sharded_digits):
+    from tapework.batching import split_dataset
+
+    arrays, _ = sharded_digits
+    epochs = [np.concatenate([y.numpy() for _, y in split_dataset(arrays, "train", 32, seed=1, epoch=epoch)]) for epoch in (1, 2)]
+    converted = arrays.tensors["train"]
+    split_dataset(arrays, "train", 32, seed=1, epoch=3)
+    assert arrays.tensors["train"] is converted  # the third epoch copied nothing
+    assert converted[0].numpy().tobytes() == arrays.split("train")[0].tobytes()
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(arrays.split("train")[1]) and epochs[0].tobytes() != epochs[1].tobytes()
+
+
 def test_training_on_shards_is_bitwise_reproducible_resumes_exactly_and_evaluates_like_arrays(sharded_digits, tmp_path):
     from tapework.evaluation import evaluate_model
     from tapework.models import weights_dict

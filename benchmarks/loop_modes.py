@@ -1,17 +1,23 @@
-"""Benchmark: the loop's speed epoch by epoch, with where the CPU time went in each epoch.
+"""Benchmark: the loop's speed epoch by epoch, with where the CPU time and the wall time went in each epoch.
 
-The loop's throughput is bimodal per process and per epoch (README, Performance, "The loop's
-speed is bimodal"). This script trains the loop as `loop_vs_fit.py`'s variant (c) does (params.yaml's
-steps_per_execution and stacked XLA steps, op determinism on) and prints, per epoch:
+The loop's epochs had two speeds (README, Performance, "The loop's epochs had two speeds"): a
+wait at the epoch's end (tf.data autotuning's thread, now off) and periods in which the machine
+runs memory-bound code slower. This script trains the loop as `loop_vs_fit.py`'s variant (c)
+does (params.yaml's steps_per_execution and stacked XLA steps, op determinism on) and prints,
+per epoch:
 
   samples/s                  the epoch's throughput
+  before_calls_ms            epoch start to the first compiled call: building the dataset, iter()
+  calls_ms                   the first compiled call's start to the last one's end
+  after_calls_ms             the last call's end to the epoch's end: deleting the iterator, reading the metrics
   process_cores              the process's user+system CPU time over the epoch's wall time
   idle_ticks / steal_ticks   the machine's idle and hypervisor-stolen ticks (/proc/stat), summed over
                              its CPUs, in the epoch; wall_ticks is the epoch's wall time in ticks
   busiest_threads            the three threads of this process with the most CPU ticks in the epoch
 
-A slow epoch that waits shows idle ticks with the threads' ticks unchanged; one that works
-harder shows more thread ticks. Run several processes: the mode is drawn per process too.
+A slow epoch that waits shows idle ticks with the threads' ticks unchanged, and where it waited
+in the three parts; one that works harder shows more thread ticks and longer calls. Run several
+processes: the machine's slow periods last seconds.
 
     python benchmarks/loop_modes.py --real path/to/fashion-mnist            # mlp, batch 32, 8 epochs
     python benchmarks/loop_modes.py --real path/to/fashion-mnist --model residual_mlp --batch 64
@@ -26,6 +32,7 @@ import os
 import resource
 import sys
 import time
+from typing import Any
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -64,6 +71,26 @@ def thread_ticks() -> dict[str, tuple[str, int]]:
     return ticks
 
 
+class TimedCalls:
+    """The train function, with the start of its first call and the end of its last call recorded."""
+
+    def __init__(self, function: Any) -> None:
+        self.function, self.first_start, self.last_end = function, None, None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.first_start is None:
+            self.first_start = time.perf_counter()
+        result = self.function(*args)
+        self.last_end = time.perf_counter()  # the call's outputs are read (int) by the caller after this: ~µs
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.function, name)  # experimental_get_tracing_count and the like
+
+    def reset(self) -> None:
+        self.first_start = self.last_end = None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="mlp", help="a params.yaml model family (default mlp)")
@@ -92,12 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     trainer = loop_vs_fit.LoopTrainer(outcome, x, y, loop_vs_fit.make_config(x, args.seed, args.model), args.seed, steps_per_execution, jit_compile=jit_compile)
     print(f"MACHINE {machine_description()}")
     print(f"RUN model={args.model} batch={args.batch} samples={len(x)} steps_per_execution={steps_per_execution} jit_compile={jit_compile} op_determinism=on cpus={os.cpu_count()}")
+    trainer.run = calls = TimedCalls(trainer.run)
     epochs = []
     for number in range(1, args.epochs + 1):
         threads_before, machine_before, usage_before = thread_ticks(), machine_ticks(), resource.getrusage(resource.RUSAGE_SELF)
+        calls.reset()
         started = time.perf_counter()
         trainer.epoch(number)
-        seconds = time.perf_counter() - started
+        ended = time.perf_counter()
+        seconds = ended - started
         threads_after, machine_after, usage_after = thread_ticks(), machine_ticks(), resource.getrusage(resource.RUSAGE_SELF)
         cpu_seconds = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
         busiest = sorted(
@@ -107,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         epoch = {
             "epoch": number,
             "samples_per_second": len(x) / seconds,
+            "before_calls_ms": 1000 * (calls.first_start - started),
+            "calls_ms": 1000 * (calls.last_end - calls.first_start),
+            "after_calls_ms": 1000 * (ended - calls.last_end),
             "process_cores": cpu_seconds / seconds,
             "idle_ticks": machine_after["idle"] - machine_before["idle"],
             "steal_ticks": machine_after["steal"] - machine_before["steal"],
@@ -116,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         epochs.append(epoch)
         threads = " ".join(f"{item['name']}[{item['thread']}]:{item['ticks']}" for item in epoch["busiest_threads"])
         print(
-            f"EPOCH {number} samples/s={epoch['samples_per_second']:,.0f} process_cores={epoch['process_cores']:.2f} "
+            f"EPOCH {number} samples/s={epoch['samples_per_second']:,.0f} before_calls_ms={epoch['before_calls_ms']:.0f} "
+            f"calls_ms={epoch['calls_ms']:.0f} after_calls_ms={epoch['after_calls_ms']:.0f} process_cores={epoch['process_cores']:.2f} "
             f"idle_ticks={epoch['idle_ticks']} steal_ticks={epoch['steal_ticks']} wall_ticks={epoch['wall_ticks']:.0f} "
             f"busiest_threads={threads}" + ("  (tracing and compiling)" if number == 1 else ""),
             flush=True,

@@ -141,7 +141,15 @@ def test_loop_modes_quick_prints_each_epoch_with_its_cpu_ticks(tmp_path):
     epochs = json.loads(report_path.read_text())["epochs"]
     assert [epoch["epoch"] for epoch in epochs] == [1, 2, 3]
     for epoch in epochs:
-        assert re.search(rf"^EPOCH {epoch['epoch']} samples/s=[\d,]+ process_cores=\d+\.\d\d idle_ticks=\d+ steal_ticks=\d+ wall_ticks=\d+ busiest_threads=\S+\[\d+\]:\d+", out, re.M), out
+        assert re.search(
+            rf"^EPOCH {epoch['epoch']} samples/s=[\d,]+ before_calls_ms=\d+ calls_ms=\d+ after_calls_ms=\d+ process_cores=\d+\.\d\d idle_ticks=\d+ steal_ticks=\d+ wall_ticks=\d+ busiest_threads=\S+\[\d+\]:\d+",
+            out,
+            re.M,
+        ), out
         assert epoch["samples_per_second"] > 0 and epoch["process_cores"] > 0 and len(epoch["busiest_threads"]) == 3
+        # The three parts are the epoch: they add up to its wall time.
+        parts = [epoch["before_calls_ms"], epoch["calls_ms"], epoch["after_calls_ms"]]
+        assert min(parts) >= 0 and epoch["calls_ms"] > 0
+        assert sum(parts) == pytest.approx(1000 * 2048 / epoch["samples_per_second"], abs=1e-6)
     # The first epoch traces and compiles on this process's threads: they did measurable work.
     assert sum(thread["ticks"] for thread in epochs[0]["busiest_threads"]) > 0

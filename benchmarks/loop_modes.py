@@ -32,8 +32,8 @@ import os
 import resource
 import sys
 import time
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))

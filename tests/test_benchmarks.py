@@ -153,3 +153,17 @@ def test_loop_modes_quick_prints_each_epoch_with_its_cpu_ticks(tmp_path):
         assert sum(parts) == pytest.approx(1000 * 2048 / epoch["samples_per_second"], abs=1e-6)
     # The first epoch traces and compiles on this process's threads: they did measurable work.
     assert sum(thread["ticks"] for thread in epochs[0]["busiest_threads"]) > 0
+
+
+def test_tf_data_teardown_quick_times_the_iterator_deletion_with_autotuning_on_and_off(tmp_path):
+    report_path = tmp_path / "teardown.json"
+    out = run_benchmark("tf_data_teardown.py", "--quick", "--json", str(report_path), timeout=120)  # the quick run takes seconds
+    assert re.search(r"^RUN elements=20 step_ms=1 repeats=2 batch=64x784$", out, re.M), out
+    for setting in ("on", "off"):
+        assert re.search(rf"^RESULT autotune={setting}\s+delete_ms median=\d+\.\d max=\d+\.\d \(epochs: [\d., ]+\)  iterate_s median=\d+\.\d{{3}}$", out, re.M), out
+    results = json.loads(report_path.read_text())
+    assert sorted(results) == ["off", "on"]
+    for epochs in results.values():
+        assert len(epochs) == 2
+        # 20 batches with 1 ms of work each: an epoch cannot iterate in less than 20 ms.
+        assert all(epoch["delete_ms"] >= 0 and epoch["iterate_seconds"] >= 0.02 for epoch in epochs)

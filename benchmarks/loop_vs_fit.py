@@ -201,7 +201,7 @@ class LoopTrainer:
         jit_compile: bool = False,
         policy: str = "float32",
     ) -> None:
-        self.outcome, self.x, self.y, self.seed = outcome, x, y, seed
+        self.outcome, self.seed = outcome, seed
         self.inputs, self.labels = tf.constant(x), tf.constant(y)  # converted once, as split_dataset keeps a split's tensors
         self.drop_remainder = drop_remainder
         # What train_epoch reads: steps per call, and stop with an error on a non-finite loss.
